@@ -1,0 +1,54 @@
+# mixq: make train compile deploy  (digits, CPU, a few minutes)   |   make test
+SHELL := /bin/bash
+PY      := .venv/bin/python
+MIXQ    := .venv/bin/mixq
+STAMP   := .venv/.installed
+
+MODEL       ?= digits-cnn
+DATASET     ?= digits
+DATA_DIR    ?=
+METHOD      ?= csq
+TARGET_BITS ?= 3
+ACT_BITS    ?= 8
+EPOCHS      ?=
+TARGET      ?= host
+BOARD       ?=
+RUN         ?= runs/$(MODEL)-$(METHOD)-w$(TARGET_BITS)a$(ACT_BITS)
+FROZEN      ?= $(RUN)/frozen
+BUILD       ?= $(RUN)/build-$(TARGET)
+
+DATA_OPT  := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
+EPOCH_OPT := $(if $(EPOCHS),--epochs $(EPOCHS))
+BOARD_OPT := $(if $(BOARD),--board $(BOARD))
+
+.PHONY: venv train freeze compile deploy test test-all bench bench-train arm-board clean
+
+venv: $(STAMP)
+$(STAMP): requirements.txt pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install -q -r requirements.txt
+	.venv/bin/pip install -q --no-deps -e .
+	touch $@
+
+train: $(STAMP)
+	$(MIXQ) train --model $(MODEL) --dataset $(DATASET) $(DATA_OPT) --method $(METHOD) \
+	    --target-bits $(TARGET_BITS) --act-bits $(ACT_BITS) $(EPOCH_OPT) --out $(RUN)
+
+freeze: $(STAMP)
+	$(MIXQ) freeze $(RUN)/checkpoint.pt --out $(FROZEN)
+	$(MIXQ) inspect $(FROZEN)
+
+compile: freeze
+	$(MIXQ) compile $(FROZEN) --target $(TARGET) --out $(BUILD)
+
+deploy: $(STAMP)
+	$(MIXQ) deploy $(BUILD) --dataset $(DATASET) $(DATA_OPT) $(BOARD_OPT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m ""
+
+clean:
+	rm -rf runs build .pytest_cache

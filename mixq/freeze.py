@@ -1,0 +1,324 @@
+"""`mixq freeze`: checkpoint -> integer-only graph (docs/integer-contract.md).
+
+The trained model is traced with torch.fx (quantizers, conv/linear, BN and pools as leaves)
+and walked once with three kinds of values:
+
+    Quant   a materialized integer tensor (graph input, activation): name, real scale
+    Acc     a pending linear op (conv/linear/avgpool) whose float affine epilogue is still
+            being folded: per-channel real scale and real bias (BN folds into both)
+    Sum     a pending residual add of Acc/Quant branches
+
+An ActQuant (ReLU + uniform quantizer) materializes what it receives: an Acc becomes one
+op with a per-channel fixed-point requantization, a Sum becomes raw int32 branches plus an
+`add` op that requantizes each branch to the output scale. The graph output (last linear)
+stays int32. The learned integer weights are never touched: BN goes to bias/multiplier."""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn as nn
+
+from mixq import graph as G
+from mixq.train import quant
+
+
+class FreezeError(ValueError):
+    pass
+
+
+@dataclass
+class Quant:
+    name: str
+    scale: float
+    shape: tuple
+
+
+@dataclass
+class Acc:
+    kind: str                 # conv2d | linear | avgpool
+    layer: str
+    input: Quant
+    scale: np.ndarray         # real value = acc * scale[c] + bias[c]
+    bias: np.ndarray
+    shape: tuple
+    attrs: dict = field(default_factory=dict)
+    arrays: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sum:
+    branches: list
+    shape: tuple
+
+
+class _Tracer(torch.fx.Tracer):
+    LEAVES = (quant.InputQuant, quant.ActQuant, *quant.QUANT_LAYERS)
+
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, self.LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: dict | None = None) -> G.IntGraph:
+    model = model.cpu().eval()
+    try:
+        fx_graph = _Tracer().trace(model)
+    except Exception as e:
+        raise FreezeError(f"model '{model_name}' cannot be traced for freezing ({type(e).__name__}: {str(e)[:120]})") from None
+    modules = dict(model.named_modules())
+    b = _Builder(model_name, tuple(input_shape))
+    env = {}
+    for node in fx_graph.nodes:
+        env[node.name] = b.visit(node, modules, env)
+    return b.finish(meta or {})
+
+
+class _Builder:
+    def __init__(self, model_name, input_shape):
+        self.model_name, self.input_shape = model_name, input_shape
+        self.ops, self.tensors, self.input, self.output = [], {}, None, None
+        self.layer_info = []
+
+    # -- helpers -------------------------------------------------------------------------
+    def _tensor(self, name, shape, dtype, bits, scale):
+        t = G.TensorInfo(name, tuple(int(s) for s in shape), dtype, int(bits),
+                         [float(v) for v in scale] if isinstance(scale, (list, np.ndarray)) else float(scale))
+        self.tensors[name] = t
+        return t
+
+    def _emit(self, name, kind, inputs, shape, dtype, bits, scale, attrs=None, arrays=None):
+        out = self._tensor(name, shape, dtype, bits, scale)
+        self.ops.append(G.Op(name, kind, list(inputs), out.name, attrs or {}, arrays or {}))
+        return out
+
+    def _raw(self, acc: Acc) -> str:
+        """Materialize an Acc as int32 acc + bias (no requantization)."""
+        bias_q = self._int_bias(acc)
+        out = self._emit(acc.layer, acc.kind, [acc.input.name], acc.shape, "int32", 32, acc.scale,
+                         acc.attrs, {**acc.arrays, "bias": bias_q})
+        return out.name
+
+    def _int_bias(self, acc: Acc) -> np.ndarray:
+        b = np.round(acc.bias / acc.scale)
+        if np.any(np.abs(b) > 2**30):
+            raise FreezeError(f"layer '{acc.layer}': folded bias does not fit int32 (BN gamma ~ 0?)")
+        return b.astype(np.int32)
+
+    # -- nodes ---------------------------------------------------------------------------
+    def visit(self, node, modules, env):
+        arg = lambda i: env[node.args[i].name] if isinstance(node.args[i], torch.fx.Node) else node.args[i]
+        if node.op == "placeholder":
+            return "input"
+        if node.op == "output":
+            return self._output(env[node.args[0].name])
+        if node.op == "call_module":
+            m = modules[node.target]
+            return self._module(node.target, m, arg(0))
+        if node.op == "call_function" and node.target in (operator.add, torch.add):
+            return self._add(node.name, arg(0), arg(1))
+        if (node.op == "call_function" and node.target is torch.flatten) or \
+                (node.op == "call_method" and node.target == "flatten"):
+            return self._flatten(node.name, arg(0))
+        raise FreezeError(f"operation '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}) "
+                          "is not supported by freeze")
+
+    def _module(self, name, m, x):
+        if isinstance(m, quant.InputQuant):
+            scale = float(m.scale)
+            self.input = self._tensor("input", self.input_shape, "int8", m.bits, scale)
+            return Quant("input", scale, self.input_shape)
+        if hasattr(m, "integer_weight"):
+            return self._weight_layer(name, m, x)
+        if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            return self._bn(name, m, x)
+        if isinstance(m, quant.ActQuant):
+            return self._act(name, m, x)
+        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+            return self._avgpool(name, m, x)
+        if isinstance(m, nn.MaxPool2d):
+            return self._maxpool(name, m, x)
+        if isinstance(m, nn.Flatten):
+            return self._flatten(name, x)
+        if isinstance(m, (nn.Identity, nn.Dropout)):
+            return x
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            raise FreezeError(f"layer '{name}' ({type(m).__name__}) has float weights: it was not quantized")
+        raise FreezeError(f"layer '{name}' ({type(m).__name__}) is not supported by freeze")
+
+    def _need_quant(self, name, x):
+        if not isinstance(x, Quant):
+            raise FreezeError(f"layer '{name}': input is not a quantized tensor (missing activation quantizer before it)")
+        return x
+
+    def _weight_layer(self, name, m, x):
+        x = self._need_quant(name, x)
+        q, scale = m.integer_weight()
+        info = m.bit_info()
+        q = q.numpy().astype(np.int64)
+        dtype = G.container_dtype(info.storage_bits)
+        lim = (1 << (info.storage_bits - 1)) - 1
+        if np.abs(q).max(initial=0) > lim:
+            raise FreezeError(f"layer '{name}': integer weights exceed their {info.storage_bits} storage bits")
+        out_ch = q.shape[0]
+        bias = m.bias.detach().double().numpy() if m.bias is not None else np.zeros(out_ch)
+        attrs = {"storage_bits": info.storage_bits, "precision": info.precision, "kept_bits": info.kept,
+                 "weight_scale": scale}
+        if isinstance(m, nn.Conv2d):
+            if m.dilation != (1, 1) or m.stride[0] != m.stride[1] or m.padding[0] != m.padding[1] \
+                    or m.kernel_size[0] != m.kernel_size[1] or isinstance(m.padding, str):
+                raise FreezeError(f"layer '{name}': only square kernels/strides/padding without dilation are supported")
+            c, h, w = x.shape
+            k, s, p = m.kernel_size[0], m.stride[0], m.padding[0]
+            shape = (out_ch, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+            attrs.update(stride=s, padding=p, groups=m.groups)
+            kind = "conv2d"
+        else:
+            kind, shape = "linear", (out_ch,)
+        self.layer_info.append({"name": name, "params": int(q.size), **{k: attrs[k] for k in ("precision", "storage_bits", "kept_bits")}})
+        return Acc(kind, name, x, np.full(out_ch, x.scale * scale), bias, shape, attrs,
+                   {"weight": q.astype(dtype)})
+
+    def _bn(self, name, m, x):
+        if not isinstance(x, Acc) or x.kind == "avgpool":
+            raise FreezeError(f"layer '{name}': batch norm must follow a conv or linear layer")
+        g = m.weight.detach().double().numpy() if m.affine else np.ones(m.num_features)
+        beta = m.bias.detach().double().numpy() if m.affine else np.zeros(m.num_features)
+        inv = g / np.sqrt(m.running_var.double().numpy() + m.eps)
+        x.scale = x.scale * inv
+        x.bias = (x.bias - m.running_mean.double().numpy()) * inv + beta
+        return x
+
+    def _act(self, name, m, x):
+        if m.bits >= 32:
+            raise FreezeError(f"layer '{name}': activations are float (--act-bits 32); an integer graph needs 2..8 bits")
+        out_scale = m.scale()
+        bits = m.bits
+        if isinstance(x, Acc):
+            real = x.scale / out_scale
+            if x.kind == "avgpool":       # one multiplier: the pool's divisor and scale ratio
+                real, arrays = real[:1], {}
+            else:
+                arrays = {**x.arrays, "bias": self._int_bias(x)}
+            arrays["multiplier"], arrays["shift"] = G.quantize_multiplier(real, x.layer)
+            out = self._emit(x.layer, x.kind, [x.input.name], x.shape, "uint8", bits, out_scale,
+                             {**x.attrs, "out_bits": bits}, arrays)
+            return Quant(out.name, out_scale, x.shape)
+        branches = x.branches if isinstance(x, Sum) else [x]
+        inputs, arrays = [], {}
+        for i, br in enumerate(branches):
+            if isinstance(br, Acc):
+                inputs.append(self._raw(br))
+                real = br.scale / out_scale
+            else:
+                inputs.append(br.name)
+                real = np.full(x.shape[0], br.scale / out_scale)
+            arrays[f"multiplier{i}"], arrays[f"shift{i}"] = G.quantize_multiplier(real, name)
+        out = self._emit(name, "add", inputs, x.shape, "uint8", bits, out_scale, {"out_bits": bits}, arrays)
+        return Quant(out.name, out_scale, x.shape)
+
+    def _add(self, name, a, b):
+        branches = []
+        for v in (a, b):
+            if isinstance(v, Sum):
+                branches += v.branches
+            elif isinstance(v, (Acc, Quant)):
+                branches.append(v)
+            else:
+                raise FreezeError(f"operation '{name}': cannot add {type(v).__name__}")
+        if any(isinstance(v, Acc) and v.kind == "avgpool" for v in branches):
+            raise FreezeError(f"operation '{name}': adding a pooled tensor is not supported")
+        return Sum(branches, branches[0].shape)
+
+    def _avgpool(self, name, m, x):
+        x = self._need_quant(name, x)
+        c, h, w = x.shape
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            size = m.output_size if isinstance(m.output_size, tuple) else (m.output_size, m.output_size)
+            if tuple(size) != (1, 1):
+                raise FreezeError(f"layer '{name}': only global adaptive average pooling is supported")
+            k, s, p = h, h, 0
+            if h != w:
+                raise FreezeError(f"layer '{name}': global pooling needs a square input, got {h}x{w}")
+        else:
+            k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+            s = m.stride if isinstance(m.stride, int) else m.stride[0]
+            p = m.padding if isinstance(m.padding, int) else m.padding[0]
+            if p and m.count_include_pad is False:
+                raise FreezeError(f"layer '{name}': count_include_pad=False is not supported")
+        shape = (c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+        return Acc("avgpool", name, x, np.full(c, x.scale / (k * k)), np.zeros(c), shape,
+                   {"kernel": k, "stride": s, "padding": p})
+
+    def _maxpool(self, name, m, x):
+        x = self._need_quant(name, x)
+        k = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+        s = m.stride if isinstance(m.stride, int) else m.stride[0]
+        p = m.padding if isinstance(m.padding, int) else m.padding[0]
+        if (m.dilation if isinstance(m.dilation, int) else m.dilation[0]) != 1 or m.ceil_mode:
+            raise FreezeError(f"layer '{name}': dilated or ceil-mode max pooling is not supported")
+        c, h, w = x.shape
+        shape = (c, (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1)
+        t = self.tensors[x.name]
+        out = self._emit(name, "maxpool", [x.name], shape, t.dtype, t.bits, x.scale, {"kernel": k, "stride": s, "padding": p})
+        return Quant(out.name, x.scale, shape)
+
+    def _flatten(self, name, x):
+        x = self._need_quant(name, x)
+        shape = (int(np.prod(x.shape)),)
+        t = self.tensors[x.name]
+        out = self._emit(name.replace(".", "_"), "flatten", [x.name], shape, t.dtype, t.bits, x.scale)
+        return Quant(out.name, x.scale, shape)
+
+    def _output(self, x):
+        if isinstance(x, Acc):
+            self.output = self._raw(x)
+        elif isinstance(x, Quant):
+            self.output = x.name
+        else:
+            raise FreezeError("model output must be a linear/conv layer or a quantized tensor")
+        return self.output
+
+    def finish(self, meta) -> G.IntGraph:
+        if self.input is None:
+            raise FreezeError("model has no input quantizer (InputQuant)")
+        g = G.IntGraph(self.model_name, self.input, self.output, self.ops, self.tensors,
+                       {**meta, "layers": self.layer_info})
+        try:
+            bounds = G.value_bounds(g)
+        except G.GraphError as e:
+            raise FreezeError(str(e)) from None
+        g.meta["accumulator_bounds"] = bounds["accumulators"]
+        return g
+
+
+# ----------------------------------------------------------------------------- command
+def freeze_checkpoint(ckpt_path: str, out_dir: str) -> G.IntGraph:
+    from mixq.train.loop import TrainError, load_checkpoint, restore_model
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+        model, method, cfg = restore_model(ckpt, ckpt_path)
+    except TrainError as e:
+        raise FreezeError(str(e)) from None
+    method.harden(True)
+    meta = {"source_checkpoint_epoch": int(ckpt["epoch"]), "method": cfg.method, "dataset": cfg.dataset,
+            "act_bits": cfg.act_bits, "num_classes": cfg.num_classes}
+    g = freeze_model(model, cfg.model, tuple(cfg.input_shape), meta)
+    G.save(g, out_dir)
+    return g
+
+
+def add_arguments(p):
+    p.add_argument("checkpoint", help="RUN_DIR/checkpoint.pt from mixq train")
+    p.add_argument("--out", required=True, help="frozen model directory to write")
+
+
+def run(args) -> int:
+    g = freeze_checkpoint(args.checkpoint, args.out)
+    layers = g.meta["layers"]
+    params = sum(r["params"] for r in layers)
+    print(f"froze {g.model}: {len(g.ops)} ops, {len(layers)} weight layers, {params} params, "
+          f"{sum(r['params'] * r['storage_bits'] for r in layers) / params:.2f} storage bits/weight -> {args.out}")
+    return 0

@@ -1,0 +1,86 @@
+"""Integer simulation: the golden interpreter's op table re-implemented in torch.
+
+Same math as mixq.graph (int64 requantization, exact integer convolution), runs on any torch
+device, so the trained model can be evaluated under the deployed integer semantics on GPU.
+Convolutions run in float64, exact for |acc| < 2^53 (freeze proves |acc| < 2^31)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mixq import graph as G
+
+
+def _pc(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    return v.reshape((1, -1) + (1,) * (ndim - 2)) if v.ndim else v
+
+
+def rq(x, m, s):
+    x = x.to(torch.int64)
+    m, s = _pc(m, x.ndim), _pc(s, x.ndim)
+    return (x * m + (torch.ones_like(s) << (s - 1))) >> s
+
+
+def _finish(acc, arrays, attrs):
+    acc = acc + _pc(arrays["bias"], acc.ndim)
+    if "multiplier" not in arrays:
+        return acc.to(torch.int32)
+    return rq(acc, arrays["multiplier"], arrays["shift"]).clamp(0, (1 << attrs["out_bits"]) - 1).to(torch.uint8)
+
+
+def t_conv2d(op, arrays, x):
+    a = op.attrs
+    acc = F.conv2d(x.to(torch.float64), arrays["weight"].to(torch.float64), None, a["stride"], a["padding"], 1, a.get("groups", 1))
+    return _finish(torch.round(acc).to(torch.int64), arrays, a)
+
+
+def t_linear(op, arrays, x):
+    acc = x.to(torch.float64) @ arrays["weight"].to(torch.float64).T
+    return _finish(torch.round(acc).to(torch.int64), arrays, op.attrs)
+
+
+def t_add(op, arrays, *xs):
+    total = sum(rq(x, arrays[f"multiplier{i}"], arrays[f"shift{i}"]) for i, x in enumerate(xs))
+    return total.clamp(0, (1 << op.attrs["out_bits"]) - 1).to(torch.uint8)
+
+
+def t_avgpool(op, arrays, x):
+    a = op.attrs
+    k = a["kernel"]
+    s = F.avg_pool2d(x.to(torch.float64), k, a["stride"], a.get("padding", 0), count_include_pad=True) * (k * k)
+    y = rq(torch.round(s).to(torch.int64), arrays["multiplier"], arrays["shift"])
+    return y.clamp(0, (1 << a["out_bits"]) - 1).to(torch.uint8)
+
+
+def t_maxpool(op, arrays, x):
+    a = op.attrs
+    p = a.get("padding", 0)
+    xp = F.pad(x.to(torch.int32), (p, p, p, p))   # zero padding, as in the contract
+    return F.max_pool2d(xp.to(torch.float32), a["kernel"], a["stride"]).to(x.dtype)
+
+
+def t_flatten(op, arrays, x):
+    return x.reshape(x.shape[0], -1)
+
+
+TORCH_OPS = {"conv2d": t_conv2d, "linear": t_linear, "add": t_add, "avgpool": t_avgpool,
+             "maxpool": t_maxpool, "flatten": t_flatten}
+assert set(TORCH_OPS) == set(G.OP_KINDS)
+
+
+class IntSim:
+    """Runs an IntGraph in torch on `device`; arrays are moved there once."""
+
+    def __init__(self, graph: G.IntGraph, device="cpu"):
+        self.graph, self.device = graph, torch.device(device)
+        self.arrays = [{k: torch.from_numpy(np.asarray(v).astype(np.int64)).to(self.device) for k, v in op.arrays.items()}
+                       for op in graph.ops]
+
+    @torch.no_grad()
+    def __call__(self, x_q) -> torch.Tensor:
+        x = torch.as_tensor(x_q).to(self.device)
+        env = {self.graph.input.name: x}
+        for op, arrays in zip(self.graph.ops, self.arrays):
+            env[op.output] = TORCH_OPS[op.kind](op, arrays, *[env[i] for i in op.inputs])
+        return env[self.graph.output]

@@ -1,0 +1,39 @@
+"""`mixq train` options -> TrainConfig -> train.loop.train."""
+from __future__ import annotations
+
+import json
+
+from mixq.train.config import TrainConfig
+
+
+def add_arguments(p):
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, help="digits-cnn | resnet20 | vgg19bn | resnet18 | resnet50")
+    p.add_argument("--dataset", default=d.dataset, help="digits (bundled) | cifar10 | imagenet")
+    p.add_argument("--data-dir", default=None, help="dataset location (cifar10: ImageFolder dir or .tar.gz)")
+    p.add_argument("--method", default=d.method, help="csq | ste-uniform")
+    p.add_argument("--target-bits", type=float, default=d.target_bits, help="CSQ average weight precision budget")
+    p.add_argument("--weight-bits", type=int, default=d.weight_bits, help="ste-uniform weight bits")
+    p.add_argument("--act-bits", type=int, default=d.act_bits, help="activation bits 2..8, or 32 (float)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs, help="CSQ: epochs with the bit mask fixed")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="CSQ budget regularizer strength")
+    p.add_argument("--beta-max", type=float, default=d.beta_max)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--train-subset", type=int, default=None, help="train on N random images (quick runs)")
+    p.add_argument("--test-subset", type=int, default=None, help="evaluate on N test images")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+
+
+def run(args) -> int:
+    from mixq.train.loop import train
+    keys = set(TrainConfig.__dataclass_fields__) - {"num_classes", "input_shape"}
+    cfg = TrainConfig(**{k: getattr(args, k) for k in keys})
+    m = train(cfg, args.out, resume=args.resume)
+    print(json.dumps({k: m[k] for k in ("accuracy", "avg_bits", "avg_bits_weighted", "storage_bits", "compression")}))
+    return 0
