@@ -21,7 +21,7 @@ DATA_OPT  := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 EPOCH_OPT := $(if $(EPOCHS),--epochs $(EPOCHS))
 BOARD_OPT := $(if $(BOARD),--board $(BOARD))
 
-.PHONY: venv train freeze compile deploy test test-all bench bench-train arm-board clean
+.PHONY: venv train freeze compile deploy test test-all bench bench-train arm-board arm-board-stop clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -49,6 +49,13 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
+
+# emulated aarch64 board (qemu + TVM RPC server) on 127.0.0.1:9091; see docs/arm-board.md
+arm-board: $(STAMP)
+	$(PY) -m mixq.runtime.arm_board start
+
+arm-board-stop: $(STAMP)
+	$(PY) -m mixq.runtime.arm_board stop
 
 clean:
 	rm -rf runs build .pytest_cache
