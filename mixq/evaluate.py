@@ -29,6 +29,12 @@ def run(args) -> int:
     if tuple(spec.input_shape) != tuple(g.input.shape):
         raise ValueError(f"{args.frozen_dir}: model input {tuple(g.input.shape)} does not fit dataset "
                          f"'{name}' images {tuple(spec.input_shape)}")
+    out_shape = tuple(g.tensors[g.output].shape)
+    if out_shape != (spec.num_classes,):
+        raise ValueError(f"{args.frozen_dir}: model output {out_shape} does not fit dataset '{name}' "
+                         f"with {spec.num_classes} classes")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: must be >= 1")
     x, y = datasets.test_arrays(spec, args.limit)
     t0 = time.time()
     pred = golden_logits(g, x).argmax(1)

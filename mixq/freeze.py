@@ -63,17 +63,24 @@ class _Tracer(torch.fx.Tracer):
 
 
 def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: dict | None = None) -> G.IntGraph:
-    model = model.cpu().eval()
+    """A hardened QuantModel -> IntGraph (validated, overflow-proven). The model is read on
+    the CPU in eval mode and handed back on its device and in its mode."""
+    device = next(model.parameters(), torch.empty(0)).device
+    was_training = model.training
+    model.cpu().eval()
     try:
-        fx_graph = _Tracer().trace(model)
-    except Exception as e:
-        raise FreezeError(f"model '{model_name}' cannot be traced for freezing ({type(e).__name__}: {str(e)[:120]})") from None
-    modules = dict(model.named_modules())
-    b = _Builder(model_name, tuple(input_shape))
-    env = {}
-    for node in fx_graph.nodes:
-        env[node.name] = b.visit(node, modules, env)
-    return b.finish(meta or {})
+        try:
+            fx_graph = _Tracer().trace(model)
+        except Exception as e:
+            raise FreezeError(f"model '{model_name}' cannot be traced for freezing ({type(e).__name__}: {str(e)[:120]})") from None
+        modules = dict(model.named_modules())
+        b = _Builder(model_name, tuple(input_shape))
+        env = {}
+        for node in fx_graph.nodes:
+            env[node.name] = b.visit(node, modules, env)
+        return b.finish(meta or {})
+    finally:
+        model.to(device).train(was_training)
 
 
 class _Builder:
@@ -274,6 +281,12 @@ class _Builder:
 
     def _output(self, x):
         if isinstance(x, Acc):
+            # Logits stay int32 and are ranked as integers: that equals ranking the real logits
+            # only if every class shares one positive scale (no BN after the last layer).
+            if not (np.all(x.scale == x.scale[0]) and x.scale[0] > 0):
+                raise FreezeError(f"layer '{x.layer}': the output layer's per-class scales differ or are not "
+                                  "positive (batch norm after the classifier?); int32 logits would not rank "
+                                  "like the real ones")
             self.output = self._raw(x)
         elif isinstance(x, Quant):
             self.output = x.name
@@ -287,7 +300,7 @@ class _Builder:
         g = G.IntGraph(self.model_name, self.input, self.output, self.ops, self.tensors,
                        {**meta, "layers": self.layer_info})
         try:
-            bounds = G.value_bounds(g)
+            bounds = G.validate(g)          # structure, shapes, value ranges, int32 overflow proof
         except G.GraphError as e:
             raise FreezeError(str(e)) from None
         g.meta["accumulator_bounds"] = bounds["accumulators"]
@@ -297,6 +310,7 @@ class _Builder:
 # ----------------------------------------------------------------------------- command
 def freeze_checkpoint(ckpt_path: str, out_dir: str) -> G.IntGraph:
     from mixq.train.loop import TrainError, load_checkpoint, restore_model
+    G.check_overwritable(out_dir)           # fail before the work, not after it
     try:
         ckpt = load_checkpoint(ckpt_path)
         model, method, cfg = restore_model(ckpt, ckpt_path)

@@ -12,10 +12,12 @@ shapes below omit the batch dimension.
     linear  same as conv2d for 2-D tensors
     add     n-ary: y = clip(sum_i rq(x_i, M_i, s_i), 0, 2^bits - 1), M_i/s_i per channel
     avgpool y = clip(rq(window_sum, M, s), 0, 2^bits - 1)
-    maxpool integer max (zero padding; inputs are >= 0 so this equals -inf padding)
+    maxpool integer max over zero-padded windows (for uint8 inputs the same as -inf padding)
     flatten NCHW -> N(C*H*W), row-major
 
 with rq(x, M, s) = (x * M + 2^(s-1)) >> s evaluated in int64 (arithmetic shift = floor).
+`validate` checks a graph's structure, shapes and value ranges and re-runs the static int32
+overflow proof (`value_bounds`); `save` and `load` both call it.
 """
 from __future__ import annotations
 
@@ -285,12 +287,44 @@ def _tensor_json(t: TensorInfo) -> dict:
     return d
 
 
-def save(graph: IntGraph, out_dir: str | os.PathLike) -> Path:
-    """Write manifest.json + arrays/ atomically: a temp dir renamed into place."""
+def is_frozen_dir(path: str | os.PathLike) -> bool:
+    """True when `path` holds a mixq frozen model manifest (any format version)."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()).get("format") == "mixq-intgraph"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_overwritable(out_dir: str | os.PathLike):
+    """Only an empty directory or an earlier frozen model may be replaced: `--out RUN_DIR` or
+    `--out ~` must not wipe a user's files."""
     out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise GraphError(f"{out_dir}: exists and is not a directory")
+    if any(out_dir.iterdir()) and not is_frozen_dir(out_dir):
+        raise GraphError(f"{out_dir}: exists and is not a frozen model directory; refusing to overwrite it")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def save(graph: IntGraph, out_dir: str | os.PathLike) -> Path:
+    """Validate, then write manifest.json + arrays/ atomically: everything goes into a temp dir
+    beside `out_dir` that is renamed into place; an earlier frozen model there is replaced only
+    once the new one is complete."""
+    validate(graph)
+    out_dir = Path(out_dir)
+    check_overwritable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old = None
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())          # mkdtemp makes it 0700
         (tmp / "arrays").mkdir()
         ops = []
         for op in graph.ops:
@@ -311,11 +345,20 @@ def save(graph: IntGraph, out_dir: str | os.PathLike) -> Path:
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "frozen")
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old is not None:                   # put the previous model back
+                os.replace(old / "frozen", out_dir)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -328,8 +371,38 @@ def _tensor_from(d: dict) -> TensorInfo:
     return TensorInfo(d["name"], tuple(d["shape"]), d["dtype"], d["bits"], d["scale"])
 
 
+def _read_array(frozen_dir: Path, op_name: str, key: str, rec: dict) -> np.ndarray:
+    rel = Path(rec["file"])
+    if rel.is_absolute() or ".." in rel.parts or rel.parts[:1] != ("arrays",):
+        raise GraphError(f"{frozen_dir / 'manifest.json'}: array file '{rec['file']}' of op '{op_name}' "
+                         "is outside arrays/")
+    path = frozen_dir / rel
+    if not path.is_file():
+        raise GraphError(f"{path}: missing array file")
+    data = path.read_bytes()
+    if len(data) != rec["bytes"]:
+        raise GraphError(f"{path}: {len(data)} bytes, the manifest says {rec['bytes']} (truncated or modified)")
+    if hashlib.sha256(data).hexdigest() != rec["sha256"]:
+        raise GraphError(f"{path}: sha256 does not match the manifest (corrupt or modified)")
+    shape = tuple(int(d) for d in rec["shape"])
+    count = int(np.prod(shape, dtype=np.int64))
+    dtype = np.dtype(rec["dtype"])
+    if dtype not in (np.int8, np.uint8, np.int16, np.int32):
+        raise GraphError(f"{path}: unsupported array dtype {dtype}")
+    if rec.get("packed_bits"):
+        bits = int(rec["packed_bits"])
+        if len(data) != -(-count * bits // 8):
+            raise GraphError(f"{path}: {len(data)} bytes cannot hold {count} values of {bits} bits")
+        arr = unpack_bits(data, bits, count).astype(dtype)
+    else:
+        if len(data) != count * dtype.itemsize:
+            raise GraphError(f"{path}: {len(data)} bytes, expected {count * dtype.itemsize}")
+        arr = np.frombuffer(data, dtype=dtype.newbyteorder("<")).astype(dtype)
+    return arr.reshape(shape)
+
+
 def load(frozen_dir: str | os.PathLike) -> IntGraph:
-    """Read and verify a frozen model (format, every array's size and sha256)."""
+    """Read and verify a frozen model: format, every array's size and sha256, then `validate`."""
     frozen_dir = Path(frozen_dir)
     mpath = frozen_dir / "manifest.json"
     if not mpath.is_file():
@@ -337,36 +410,147 @@ def load(frozen_dir: str | os.PathLike) -> IntGraph:
     try:
         m = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise GraphError(f"{mpath}: not valid JSON ({e.msg})") from None
-    if m.get("format") != "mixq-intgraph":
+        raise GraphError(f"{mpath}: not valid JSON ({e})") from None
+    if not isinstance(m, dict) or m.get("format") != "mixq-intgraph":
         raise GraphError(f"{mpath}: not a mixq frozen model manifest")
     if m.get("format_version") != FORMAT_VERSION:
         raise GraphError(f"{mpath}: format version {m.get('format_version')} is not supported "
                          f"(this mixq reads {FORMAT_VERSION})")
-    ops = []
-    for o in m["ops"]:
-        if o["kind"] not in _NUMPY_OPS:
-            raise GraphError(f"{mpath}: op '{o['name']}' has unknown kind '{o['kind']}'")
-        arrays = {}
-        for key, rec in o["arrays"].items():
-            path = frozen_dir / rec["file"]
-            if not path.is_file():
-                raise GraphError(f"{path}: missing array file")
-            data = path.read_bytes()
-            if hashlib.sha256(data).hexdigest() != rec["sha256"]:
-                raise GraphError(f"{path}: sha256 does not match the manifest (corrupt or modified)")
-            count = int(np.prod(rec["shape"], dtype=np.int64))
-            if rec.get("packed_bits"):
-                arr = unpack_bits(data, rec["packed_bits"], count).astype(rec["dtype"])
-            else:
-                dt = np.dtype(rec["dtype"]).newbyteorder("<")
-                if len(data) != count * dt.itemsize:
-                    raise GraphError(f"{path}: {len(data)} bytes, expected {count * dt.itemsize}")
-                arr = np.frombuffer(data, dtype=dt).astype(rec["dtype"])
-            arrays[key] = arr.reshape(rec["shape"])
-        ops.append(Op(o["name"], o["kind"], o["inputs"], o["output"], o["attrs"], arrays))
-    tensors = {k: _tensor_from(v) for k, v in m["tensors"].items()}
-    return IntGraph(m["model"], _tensor_from(m["input"]), m["output"], ops, tensors, m.get("meta", {}))
+    try:
+        ops = []
+        for o in m["ops"]:
+            if o["kind"] not in _NUMPY_OPS:
+                raise GraphError(f"{mpath}: op '{o['name']}' has unknown kind '{o['kind']}'")
+            arrays = {key: _read_array(frozen_dir, o["name"], key, rec) for key, rec in o["arrays"].items()}
+            ops.append(Op(o["name"], o["kind"], list(o["inputs"]), o["output"], dict(o["attrs"]), arrays))
+        tensors = {k: _tensor_from(v) for k, v in m["tensors"].items()}
+        graph = IntGraph(m["model"], _tensor_from(m["input"]), m["output"], ops, tensors, m.get("meta", {}))
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        if isinstance(e, GraphError):
+            raise
+        raise GraphError(f"{mpath}: malformed manifest ({type(e).__name__}: {e})") from None
+    try:
+        validate(graph)
+    except GraphError as e:
+        raise GraphError(f"{mpath}: {e}") from None
+    return graph
+
+
+# ----------------------------------------------------------------------------- validation
+def _out_size(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def _expect(cond: bool, op: Op, msg: str):
+    if not cond:
+        raise GraphError(f"op '{op.name}' ({op.kind}): {msg}")
+
+
+def _check_requant(op: Op, m_key: str, s_key: str, channels: int):
+    """Multiplier/shift pair: int32, one value or one per channel, 1 <= shift <= 62."""
+    for key in (m_key, s_key):
+        _expect(key in op.arrays, op, f"missing array '{key}'")
+        arr = op.arrays[key]
+        _expect(arr.dtype == np.int32, op, f"array '{key}' must be int32, is {arr.dtype}")
+        _expect(arr.ndim == 1 and arr.shape[0] in (1, channels), op,
+                f"array '{key}' must have 1 or {channels} values, has shape {arr.shape}")
+    shift = op.arrays[s_key]
+    _expect(bool(np.all((shift >= 1) & (shift <= MAX_SHIFT))), op, f"shifts must be in 1..{MAX_SHIFT}")
+
+
+def _check_out_bits(op: Op, out: TensorInfo):
+    bits = op.attrs.get("out_bits")
+    _expect(isinstance(bits, int) and 1 <= bits <= 8, op, f"out_bits must be 1..8, is {bits!r}")
+    _expect(out.dtype == "uint8" and out.bits == bits, op,
+            f"output tensor must be uint8 with {bits} bits, is {out.dtype} with {out.bits}")
+
+
+def _infer_shape(op: Op, ins: list, out: TensorInfo) -> tuple:
+    """Check one op against the contract; returns its output shape (without batch)."""
+    a = op.attrs
+    if op.kind in ("conv2d", "linear", "avgpool", "maxpool", "flatten"):
+        _expect(len(ins) == 1, op, f"takes one input, has {len(ins)}")
+        _expect(ins[0].dtype in ("int8", "uint8"), op, f"input '{ins[0].name}' must be int8 or uint8, is {ins[0].dtype}")
+    x = ins[0].shape if ins else ()
+    if op.kind in ("conv2d", "linear"):
+        w, b = op.arrays.get("weight"), op.arrays.get("bias")
+        _expect(w is not None and b is not None, op, "needs arrays 'weight' and 'bias'")
+        sb = a.get("storage_bits")
+        _expect(isinstance(sb, int) and 1 <= sb <= 16, op, f"storage_bits must be 1..16, is {sb!r}")
+        _expect(w.dtype == np.dtype(container_dtype(sb)), op, f"weight must be {container_dtype(sb)} for {sb} storage bits")
+        lim = (1 << (sb - 1)) - 1
+        _expect(int(np.abs(w.astype(np.int64)).max(initial=0)) <= lim, op,
+                f"weights exceed {sb} storage bits (|q| <= {lim})")
+        channels = w.shape[0]
+        _expect(b.dtype == np.int32 and b.shape == (channels,), op, f"bias must be int32 of shape ({channels},)")
+        if op.kind == "conv2d":
+            k, s, p, g = a.get("kernel", w.shape[2]), a.get("stride"), a.get("padding"), a.get("groups", 1)
+            _expect(all(isinstance(v, int) for v in (s, p, g)) and s >= 1 and p >= 0 and g >= 1, op,
+                    "stride >= 1, padding >= 0 and groups >= 1 must be integers")
+            _expect(len(x) == 3, op, f"input must be CHW, is {x}")
+            _expect(w.ndim == 4 and w.shape[2] == w.shape[3] == k, op, f"weight must be O,C/groups,k,k, is {w.shape}")
+            _expect(x[0] == w.shape[1] * g and channels % g == 0, op,
+                    f"{x[0]} input channels do not fit weight {w.shape} with groups={g}")
+            shape = (channels, _out_size(x[1], k, s, p), _out_size(x[2], k, s, p))
+        else:
+            _expect(len(x) == 1 and w.ndim == 2 and w.shape[1] == x[0], op, f"input {x} does not fit weight {w.shape}")
+            shape = (channels,)
+        if "multiplier" in op.arrays:
+            _check_requant(op, "multiplier", "shift", channels)
+            _check_out_bits(op, out)
+        else:
+            _expect(out.dtype == "int32", op, "without a multiplier the output is raw int32")
+        return shape
+    if op.kind == "add":
+        _expect(len(ins) >= 1, op, "needs at least one input")
+        for i, t in enumerate(ins):
+            _expect(t.shape == ins[0].shape, op, f"input shapes differ: {t.shape} vs {ins[0].shape}")
+            _check_requant(op, f"multiplier{i}", f"shift{i}", x[0])
+        _check_out_bits(op, out)
+        return x
+    if op.kind in ("avgpool", "maxpool"):
+        k, s, p = a.get("kernel"), a.get("stride"), a.get("padding", 0)
+        _expect(all(isinstance(v, int) for v in (k, s, p)) and k >= 1 and s >= 1 and 0 <= p < k, op,
+                "kernel >= 1, stride >= 1 and 0 <= padding < kernel must be integers")
+        _expect(len(x) == 3 and x[1] + 2 * p >= k and x[2] + 2 * p >= k, op, f"window {k} does not fit input {x}")
+        if op.kind == "avgpool":
+            _check_requant(op, "multiplier", "shift", x[0])
+            _check_out_bits(op, out)
+        else:
+            _expect(out.dtype == ins[0].dtype, op, "output dtype must equal the input's")
+        return (x[0], _out_size(x[1], k, s, p), _out_size(x[2], k, s, p))
+    if op.kind == "flatten":
+        _expect(out.dtype == ins[0].dtype, op, "output dtype must equal the input's")
+        return (int(np.prod(x)),)
+    raise GraphError(f"op '{op.name}': unknown kind '{op.kind}' (known: {', '.join(OP_KINDS)})")
+
+
+def validate(graph: IntGraph) -> dict:
+    """Check that `graph` is a well-formed program under the contract: ops in execution order,
+    every input defined before use, tensor dtypes/shapes consistent with the ops, value ranges
+    (weights within storage bits, shifts 1..62), and the static int32 overflow proof.
+    Returns `value_bounds(graph)`; raises GraphError naming the op at fault."""
+    t_in = graph.input
+    if graph.tensors.get(t_in.name) != t_in:
+        raise GraphError(f"input tensor '{t_in.name}' is missing from the tensor table")
+    if not (t_in.dtype == "int8" and 2 <= t_in.bits <= 8) and not (t_in.dtype == "uint8" and 1 <= t_in.bits <= 8):
+        raise GraphError(f"input must be int8 (2..8 bits) or uint8 (1..8 bits), is {t_in.dtype} with {t_in.bits} bits")
+    defined = {t_in.name}
+    names = set()
+    for op in graph.ops:
+        _expect(op.name not in names, op, "duplicate op name")
+        names.add(op.name)
+        for i in op.inputs:
+            _expect(i in defined, op, f"input '{i}' is not defined by an earlier op")
+        _expect(op.output not in defined, op, f"output '{op.output}' is already defined")
+        out = graph.tensors.get(op.output)
+        _expect(out is not None, op, f"output '{op.output}' is missing from the tensor table")
+        shape = _infer_shape(op, [graph.tensors[i] for i in op.inputs], out)
+        _expect(tuple(out.shape) == tuple(shape), op, f"output shape {tuple(out.shape)} should be {tuple(shape)}")
+        defined.add(op.output)
+    if graph.output not in defined:
+        raise GraphError(f"graph output '{graph.output}' is not produced by any op")
+    return value_bounds(graph)
 
 
 # ----------------------------------------------------------------------------- overflow proof

@@ -69,6 +69,15 @@ TORCH_OPS = {"conv2d": t_conv2d, "linear": t_linear, "add": t_add, "avgpool": t_
 assert set(TORCH_OPS) == set(G.OP_KINDS)
 
 
+def quantize_input(graph_input: G.TensorInfo, x: torch.Tensor) -> torch.Tensor:
+    """Torch twin of graph.quantize_input: float32 divide, round half to even, clip."""
+    q = torch.round(x.to(torch.float32) / torch.tensor(graph_input.scale, dtype=torch.float32, device=x.device))
+    if graph_input.dtype == "int8":
+        lim = (1 << (graph_input.bits - 1)) - 1
+        return q.clamp(-lim, lim).to(torch.int8)
+    return q.clamp(0, (1 << graph_input.bits) - 1).to(torch.uint8)
+
+
 class IntSim:
     """Runs an IntGraph in torch on `device`; arrays are moved there once."""
 
@@ -76,6 +85,19 @@ class IntSim:
         self.graph, self.device = graph, torch.device(device)
         self.arrays = [{k: torch.from_numpy(np.asarray(v).astype(np.int64)).to(self.device) for k, v in op.arrays.items()}
                        for op in graph.ops]
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, input_shape: tuple, device="cpu", name: str = "model") -> "IntSim":
+        """Integer simulation of a trained (hardened) QuantModel: freeze it in memory, run the
+        result. Accuracy measured this way is the deployed program's accuracy."""
+        from mixq.freeze import freeze_model
+        return cls(freeze_model(model, name, tuple(input_shape)), device)
+
+    @torch.no_grad()
+    def logits(self, x_float) -> torch.Tensor:
+        """Float images (as the dataset yields them) -> int32 logits, input quantized as the runtime does."""
+        x = torch.as_tensor(x_float).to(self.device)
+        return self(quantize_input(self.graph.input, x))
 
     @torch.no_grad()
     def __call__(self, x_q) -> torch.Tensor:

@@ -1,0 +1,386 @@
+"""Freeze end to end: a trained digits model, CIFAR-10 ResNet-20 with forced bit mixes, the
+zoo's bigger structures, and every way a user can hand freeze bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from mixq import cli, data, graph as G, intsim, models
+from mixq.freeze import FreezeError, freeze_model
+from mixq.train import quant
+from mixq.train.config import TrainConfig, build
+from mixq.train.loop import load_checkpoint, restore_model, train
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
+needs_cifar = pytest.mark.skipif(not CIFAR.exists(), reason=f"{CIFAR} not present")
+
+_DIGITS = {}
+
+
+def trained_digits(tmp_path_factory) -> dict:
+    """One default-config CSQ run on digits, frozen through the CLI, per test session
+    (test_onnx.py uses it too)."""
+    if not _DIGITS:
+        base = tmp_path_factory.mktemp("digits")
+        train(TrainConfig(), str(base / "run"))
+        assert cli.main(["freeze", str(base / "run/checkpoint.pt"), "--out", str(base / "frozen")]) == 0
+        _DIGITS.update(run=base / "run", frozen=base / "frozen",
+                       metrics=json.loads((base / "run/metrics.json").read_text()))
+    return _DIGITS
+
+
+@pytest.fixture
+def digits(tmp_path_factory):
+    return trained_digits(tmp_path_factory)
+
+
+def hardened_model(run_dir: Path):
+    model, method, cfg = restore_model(load_checkpoint(run_dir / "checkpoint.pt"))
+    method.harden(True)
+    return model.eval(), cfg
+
+
+def digits_test():
+    return data.test_arrays(data.load("digits"))
+
+
+def cli_error(argv, capsys) -> str:
+    """Run the CLI in-process; it must fail with exit 2 and exactly one line on stderr."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def no_leftovers(parent: Path):
+    return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+
+
+# ----------------------------------------------------------------------------- digits, trained
+def test_digits_golden_equals_integer_simulation(digits):
+    g = G.load(digits["frozen"])
+    x, _ = digits_test()
+    gold = G.run_batched(g, G.quantize_input(g.input, x))
+    assert gold.dtype == np.int32 and gold.shape == (len(x), 10)
+    assert np.array_equal(intsim.IntSim(g).logits(torch.from_numpy(x)).numpy(), gold)
+    # the trained model's own integer simulation (frozen in memory) is the same program
+    model, cfg = hardened_model(digits["run"])
+    assert np.array_equal(intsim.IntSim.from_model(model, cfg.input_shape).logits(torch.from_numpy(x)).numpy(), gold)
+
+
+def test_digits_integer_accuracy_tracks_fake_quant(digits, capsys):
+    capsys.readouterr()
+    assert cli.main(["eval", str(digits["frozen"]), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    x, y = digits_test()
+    assert res["images"] == len(y) == digits["metrics"]["test_images"]
+    model, _ = hardened_model(digits["run"])
+    with torch.no_grad():
+        fake_quant = model(torch.from_numpy(x)).argmax(1).numpy()
+    g = G.load(digits["frozen"])
+    integer = G.run_batched(g, G.quantize_input(g.input, x)).argmax(1)
+    agreement = 100.0 * float((fake_quant == integer).mean())
+    print(f"\ndigits: fake-quant {digits['metrics']['accuracy']:.2f}% integer {res['accuracy']:.2f}% "
+          f"agreement {agreement:.2f}%")
+    assert res["accuracy"] == pytest.approx(100.0 * float((integer == y).mean()))
+    # a model that predicts one class agrees with anything: the comparison needs a trained model
+    assert digits["metrics"]["accuracy"] >= 30.0, "the default digits run did not learn (a train/ problem)"
+    assert abs(res["accuracy"] - digits["metrics"]["accuracy"]) <= 0.3
+    assert agreement >= 99.0
+
+
+def test_freeze_is_deterministic_and_bytes_track_bits(digits, tmp_path):
+    assert cli.main(["freeze", str(digits["run"] / "checkpoint.pt"), "--out", str(tmp_path / "again")]) == 0
+    first = sorted(p.relative_to(digits["frozen"]) for p in digits["frozen"].rglob("*"))
+    second = sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*"))
+    assert first == second
+    for rel in first:
+        if (digits["frozen"] / rel).is_file():
+            assert (digits["frozen"] / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
+    # per-layer bits in the manifest are the trained model's (one source of truth: bit_info)
+    manifest = json.loads((digits["frozen"] / "manifest.json").read_text())
+    ops = {o["name"]: o for o in manifest["ops"]}
+    layers = digits["metrics"]["layers"]
+    ideal = actual = 0
+    for row in layers:
+        op = ops[row["name"]] if row["name"] in ops else ops["net." + row["name"]]   # names may omit QuantModel's "net."
+        for key in ("precision", "storage_bits", "kept_bits"):
+            assert op["attrs"][key] == row[key], (row["name"], key)
+        ideal += row["params"] * row["storage_bits"] / 8
+        actual += (digits["frozen"] / op["arrays"]["weight"]["file"]).stat().st_size
+    assert abs(actual - ideal) <= 0.03 * ideal + len(layers)
+    assert "pickle" not in (digits["frozen"] / "manifest.json").read_text()
+
+
+def test_inspect_reports_layers_and_sizes(digits, capsys):
+    capsys.readouterr()
+    assert cli.main(["inspect", str(digits["frozen"])]) == 0
+    table = capsys.readouterr().out
+    assert cli.main(["inspect", str(digits["frozen"]), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    on_disk = sum(p.stat().st_size for p in (digits["frozen"] / "arrays").iterdir())
+    assert info["bytes"] == on_disk
+    assert info["params"] == digits["metrics"]["params"]
+    assert info["float32_bytes"] > 4 * info["params"] and info["compression"] == pytest.approx(info["float32_bytes"] / on_disk)
+    assert info["storage_bits_per_weight"] == pytest.approx(digits["metrics"]["storage_bits"], rel=0.03)
+    for row in digits["metrics"]["layers"]:
+        assert row["name"].removeprefix("net.") in table
+    assert "compression" in table and f"{on_disk:,}" in table
+
+
+# ----------------------------------------------------------------------------- bad input
+class GeluCNN(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.GELU()
+        self.fc = nn.Linear(4 * 64, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.act(self.conv(x)), 1))
+
+
+class WideLinear(nn.Module):
+    """Fan-in 90000: with 9-bit weights of magnitude 255 and int8 inputs the int32 accumulator can overflow."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(300 * 300, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.flat(x))
+
+
+def write_checkpoint(path: Path, cfg: TrainConfig, model) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": 0}, path)
+    return path
+
+
+def test_bad_checkpoints_fail_in_one_line_without_output(digits, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "frozen"
+    # a checkpoint whose config names another model than its weights
+    ckpt = torch.load(digits["run"] / "checkpoint.pt", weights_only=True)
+    ckpt["config"].update(model="resnet20", dataset="cifar10", input_shape=[3, 32, 32])
+    torch.save(ckpt, tmp_path / "other.pt")
+    err = cli_error(["freeze", str(tmp_path / "other.pt"), "--out", str(out)], capsys)
+    assert "other.pt" in err and "does not match its model config" in err
+    # not a checkpoint at all
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert "junk.pt" in cli_error(["freeze", str(tmp_path / "junk.pt"), "--out", str(out)], capsys)
+    # an unsupported layer type, named
+    monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
+    cfg = TrainConfig(model="gelu-cnn")
+    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(cfg)[0])
+    err = cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
+    assert "'net.act'" in err and "GELU" in err
+    # a model whose accumulator could overflow, named
+    monkeypatch.setitem(models.MODELS, "wide-linear", WideLinear)
+    cfg = TrainConfig(model="wide-linear", input_shape=(1, 300, 300))
+    model = build(cfg)[0]
+    with torch.no_grad():
+        model.net.fc.bit_logits_pos.fill_(1.0)
+        model.net.fc.bit_logits_neg.fill_(-1.0)
+        model.net.fc.bit_mask_logits.fill_(1.0)
+    ckpt = write_checkpoint(tmp_path / "wide/checkpoint.pt", cfg, model)
+    err = cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
+    assert "'net.fc'" in err and "overflow" in err and "fan-in 90000" in err
+    assert not out.exists() and no_leftovers(tmp_path)
+
+
+def test_existing_frozen_dir_is_replaced_only_on_success(digits, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "frozen"
+    assert cli.main(["freeze", str(digits["run"] / "checkpoint.pt"), "--out", str(out)]) == 0
+    before = G.manifest_sha256(out)
+    monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
+    cfg = TrainConfig(model="gelu-cnn")
+    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(cfg)[0])
+    cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
+    assert G.manifest_sha256(out) == before
+    # a directory that is not a frozen model is never overwritten
+    err = cli_error(["freeze", str(digits["run"] / "checkpoint.pt"), "--out", str(digits["run"])], capsys)
+    assert "refusing to overwrite" in err and (digits["run"] / "checkpoint.pt").exists()
+    # success replaces it: the same run with the classifier's bits all dropped is another artifact
+    ck = torch.load(digits["run"] / "checkpoint.pt", weights_only=True)
+    model, _, cfg = restore_model(ck)
+    with torch.no_grad():
+        model.net.fc.bit_mask_logits.fill_(-1.0)       # drop every bit of the classifier
+    ck["model"] = model.state_dict()
+    torch.save(ck, tmp_path / "changed.pt")
+    assert cli.main(["freeze", str(tmp_path / "changed.pt"), "--out", str(out)]) == 0
+    assert G.manifest_sha256(out) != before and G.load(out).op("net.fc").attrs["storage_bits"] == 1
+    assert no_leftovers(tmp_path)
+
+
+def test_damaged_frozen_dirs_fail_in_one_line(digits, tmp_path, capsys):
+    manifest = json.loads((digits["frozen"] / "manifest.json").read_text())
+    weight_file = manifest["ops"][1]["arrays"]["weight"]["file"]
+    d = tmp_path / "truncated"
+    shutil.copytree(digits["frozen"], d)
+    f = d / weight_file
+    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    err = cli_error(["eval", str(d)], capsys)
+    assert Path(weight_file).name in err and "truncated" in err
+    d = tmp_path / "modified"
+    shutil.copytree(digits["frozen"], d)
+    f = d / weight_file
+    raw = bytearray(f.read_bytes())
+    raw[0] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    for cmd in ("eval", "inspect"):
+        err = cli_error([cmd, str(d)], capsys)
+        assert Path(weight_file).name in err and "sha256" in err
+    err = cli_error(["eval", str(tmp_path / "missing")], capsys)
+    assert "manifest.json" in err
+
+
+def test_freeze_model_names_unsupported_layers():
+    def quant_model(net):
+        cfg = TrainConfig()
+        model, method = build(cfg)
+        model.net = net
+        method.harden(True)
+        return model.eval()
+
+    model = quant_model(nn.Sequential(quant.ActQuant(8), nn.Conv2d(1, 2, 3), nn.Flatten()))
+    with pytest.raises(FreezeError, match=r"layer 'net\.1' \(Conv2d\) has float weights"):
+        freeze_model(model, "float-conv", (1, 8, 8))
+
+    class FunctionalGelu(nn.Module):
+        def forward(self, x):
+            return torch.nn.functional.gelu(x)
+
+    with pytest.raises(FreezeError, match="gelu.*not supported"):
+        freeze_model(quant_model(FunctionalGelu()), "fgelu", (1, 8, 8))
+    conv = quant.CSQConv2d.from_float(nn.Conv2d(1, 2, 3), 2.0, 0.5)
+    conv2 = quant.CSQConv2d.from_float(nn.Conv2d(2, 2, 3), 2.0, 0.5)
+    with pytest.raises(FreezeError, match=r"layer 'net\.1'.*missing activation quantizer"):
+        freeze_model(quant_model(nn.Sequential(conv, conv2)), "no-act", (1, 8, 8))
+    model = quant_model(nn.Sequential(quant.CSQConv2d.from_float(nn.Conv2d(1, 2, 3), 2.0, 0.5), quant.ActQuant(32)))
+    with pytest.raises(FreezeError, match=r"layer 'net\.1'.*float"):
+        freeze_model(model, "float-act", (1, 8, 8))
+    head = quant.CSQLinear.from_float(nn.Linear(4, 3), 2.0, 0.5)
+    model = quant_model(nn.Sequential(nn.Flatten(), head, nn.BatchNorm1d(3)))
+    with torch.no_grad():
+        model.net[2].weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
+    with pytest.raises(FreezeError, match=r"layer 'net\.1'.*scales"):
+        freeze_model(model, "bn-head", (1, 2, 2))
+
+
+# ----------------------------------------------------------------------------- random-weight zoo models
+def forced_model(name: str, input_shape, act_bits: int, kept_sets: list, calib: np.ndarray, seed: int = 0):
+    """A zoo model with random weights, CSQ bits forced per layer (cycling through kept_sets),
+    random BN with some negative gammas, and activation clips / BN statistics calibrated on
+    `calib` (one training-mode forward), hardened for freezing."""
+    torch.manual_seed(seed)
+    cfg = TrainConfig(model=name, act_bits=act_bits, num_classes=10, input_shape=tuple(input_shape))
+    model, method = build(cfg)
+    model.input_quant.calibrate(torch.from_numpy(calib))
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = None                       # running stats = this batch's
+            with torch.no_grad():
+                sign = torch.where(torch.rand_like(m.weight) < 0.2, -1.0, 1.0)
+                m.weight.copy_(torch.empty_like(m.weight).uniform_(0.5, 1.5) * sign)
+                m.bias.copy_(torch.randn_like(m.bias) * 0.2)
+    for i, (_, layer) in enumerate(quant.quant_layers(model)):
+        kept = kept_sets[i % len(kept_sets)]
+        with torch.no_grad():
+            layer.bit_mask_logits.copy_(torch.tensor([1.0 if b in kept else -1.0 for b in range(8)]))
+    method.harden(True)
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(calib))
+    return model.eval()
+
+
+MIXES = {   # activation bits, kept bit sets cycled over the layers
+    "a8-noncontiguous-1bit": (8, [{7, 3}, {5}, set(range(8)), {0, 1, 2, 3}, {6, 7}]),
+    "a4-sparse": (4, [{6, 2}, {7, 5, 1}, {4}, {3, 4, 5, 6}]),
+    "a2-mixed": (2, [{7}, {1, 6}, set(range(4, 8)), set(), {0, 7}]),
+}
+
+
+_CIFAR_TEST = {}
+
+
+def cifar_images(n: int = 200) -> np.ndarray:
+    """The first n CIFAR-10 test images, loaded once (via mixq.data's decoded cache)."""
+    if "x" not in _CIFAR_TEST:
+        _CIFAR_TEST["x"] = data.test_arrays(data.load("cifar10", str(CIFAR)), n)[0]
+    return _CIFAR_TEST["x"]
+
+
+def resnet20_stem(model, x) -> np.ndarray:
+    """The fake-quant ResNet-20's stem (conv1, bn1, ActQuant) output, as integers."""
+    net = model.net
+    with torch.no_grad():
+        y = net.relu(net.bn1(net.conv1(model.input_quant(torch.from_numpy(x)))))
+        return torch.round(y / ((net.relu.alpha.abs() + 1e-8) / net.relu.levels)).numpy().astype(np.int64)
+
+
+@needs_cifar
+@pytest.mark.parametrize("mix", list(MIXES))
+def test_resnet20_cifar_bit_mixes_golden_equals_simulation(mix, tmp_path):
+    act_bits, kept_sets = MIXES[mix]
+    x = cifar_images()
+    model = forced_model("resnet20", (3, 32, 32), act_bits, kept_sets, x[:32])
+    g = freeze_model(model, "resnet20", (3, 32, 32))
+    # storage bits = span + sign; 2^lowest kept bit folded into the scale
+    for op, (_, layer) in zip([o for o in g.ops if "weight" in o.arrays], quant.quant_layers(model)):
+        kept = sorted(layer.kept_bits())
+        want = kept[-1] - kept[0] + 2 if kept else 1
+        assert op.attrs["storage_bits"] == want and op.attrs["kept_bits"] == kept and op.attrs["precision"] == len(kept)
+        q = np.abs(op.arrays["weight"].astype(np.int64))
+        if kept:   # only sums of 2^(b - lowest) over kept b can appear
+            allowed = sum(1 << (b - kept[0]) for b in kept)
+            assert q.max() <= allowed and np.all((q & ~allowed) == 0)
+    assert any(o.kind == "add" and len(o.inputs) == 2 for o in g.ops)
+    G.save(g, tmp_path / "f")
+    h = G.load(tmp_path / "f")
+    for a, b in zip(g.ops, h.ops):
+        assert all(np.array_equal(a.arrays[k], b.arrays[k]) for k in a.arrays)
+    xq = G.quantize_input(h.input, x)
+    gold, env = G.run(h, xq, keep=True)
+    assert np.array_equal(intsim.IntSim(h)(xq).numpy(), gold)
+    # The integer program computes the model's function. The stem (conv, BN with negative
+    # gammas, forced bits) matches the fake-quant model except where the int32 bias rounding
+    # moves a value across a rounding boundary (docs/integer-contract.md, "Fidelity").
+    stem = env[g.ops[0].output].astype(np.int64)
+    fq_stem = resnet20_stem(model, x)
+    assert (stem != fq_stem).mean() < 0.01 and np.abs(stem - fq_stem).max() <= 1
+    if act_bits == 8:
+        with torch.no_grad():
+            fake_quant = model(torch.from_numpy(x)).argmax(1).numpy()
+        assert (fake_quant == gold.argmax(1)).mean() >= 0.95
+
+
+def test_walker_handles_vgg19bn_maxpool_and_resnet18_downsample():
+    rng = np.random.default_rng(0)
+    for name, size in (("vgg19bn", 32), ("resnet18", 64)):
+        x = rng.normal(size=(2, 3, size, size)).astype(np.float32)
+        model = forced_model(name, (3, size, size), 8, [{7, 3}, set(range(2, 8)), {4}], x)
+        g = freeze_model(model, name, (3, size, size))
+        kinds = [o.kind for o in g.ops]
+        assert "maxpool" in kinds and kinds.count("conv2d") == (16 if name == "vgg19bn" else 20)
+        if name == "resnet18":   # downsample shortcut: a 1x1 conv whose raw int32 output feeds the add
+            convs = {o.output for o in g.ops if o.kind == "conv2d" and g.tensors[o.output].dtype == "int32"}
+            assert sum(1 for o in g.ops if o.kind == "add" and len(set(o.inputs) & convs) == 2) == 3
+        xq = G.quantize_input(g.input, x)
+        assert np.array_equal(G.run(g, xq), intsim.IntSim(g)(xq).numpy()), name
+
+
+@pytest.mark.slow
+def test_walker_handles_resnet50_bottleneck():
+    x = np.random.default_rng(1).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    model = forced_model("resnet50", (3, 32, 32), 8, [{7, 3}, set(range(8)), {5}], x)
+    g = freeze_model(model, "resnet50", (3, 32, 32))
+    assert sum(o.kind == "add" for o in g.ops) == 16
+    xq = G.quantize_input(g.input, x)
+    assert np.array_equal(G.run(g, xq), intsim.IntSim(g)(xq).numpy())
