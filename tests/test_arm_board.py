@@ -4,13 +4,16 @@ on it through TVM RPC and is bit-exact against NumPy.
 The board tests set the board up in ~/.cache/mixq/arm-board (or $MIXQ_ARM_BOARD_DIR) if it is not
 there (about 12 s here with a fast Debian/PyPI mirror, 120 MB of downloads), start a server on a
 free loopback port (about 15 s: TVM imports twice under qemu) and skip when qemu, apt or the
-mirrors are unavailable."""
+mirrors are unavailable. The slow test runs the whole pipeline (train digits, freeze, compile for
+aarch64, deploy on the board)."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -156,3 +159,28 @@ def test_cross_compiled_module_is_bit_exact_on_the_board(board, tmp_path):
 def test_second_server_on_a_busy_port_is_refused(board):
     with pytest.raises(arm_board.BoardError, match="already serves"):
         arm_board.start(board.port)
+
+
+def _mixq(*args, timeout=1800) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mixq.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_digits_train_freeze_compile_deploy_on_the_board(board, tmp_path):
+    """The whole pipeline, ending on the emulated board: report.json says bit-exact."""
+    if "aarch64" not in _mixq("compile", "--help").stdout or "--board" not in _mixq("deploy", "--help").stdout:
+        pytest.skip("mixq compile --target aarch64 / mixq deploy --board not in this tree")
+    run, frozen, build = tmp_path / "run", tmp_path / "frozen", tmp_path / "build"
+    for args in (["train", "--epochs", "3", "--out", str(run)],
+                 ["freeze", str(run / "checkpoint.pt"), "--out", str(frozen)],
+                 ["compile", str(frozen), "--target", "aarch64", "--out", str(build)],
+                 ["deploy", str(build), "--board", board.address, "--metrics",
+                  str(run / "metrics.json"), "--no-progress"]):
+        r = _mixq(*args)
+        assert r.returncode == 0, f"mixq {args[0]}: {r.stderr[-2000:]}"
+    print("\n" + r.stdout)
+    report = json.loads((build / "report.json").read_text())
+    assert report["board"] == board.address and report["board_arch"] == "aarch64"
+    assert report["images_checked"] > 0 and report["mismatches"] == 0
+    assert report["bit_exact"] is True
