@@ -89,6 +89,7 @@ def board():
     yield handle
     handle.stop()
     assert arm_board.running(handle.port, handle.root) is None
+    handle.log_path.unlink(missing_ok=True)  # random ports: do not pile up logs in the cache
 
 
 def int8_conv_requant_module():
