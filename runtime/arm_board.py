@@ -157,18 +157,18 @@ class _Apt:
         return sorted({ln.strip() for ln in out.splitlines() if ln and not ln[0].isspace()})
 
     def download(self, packages: list[str], dest: Path) -> None:
-        # apt-get download writes into the current directory
-        subprocess_dir = tempfile.mkdtemp(dir=dest, prefix=".apt-")
+        # apt-get download writes into its current directory: a temp one, so no half-written .deb
+        work = tempfile.mkdtemp(dir=dest, prefix=".apt-")
         try:
             proc = subprocess.run(["apt-get", *self.options, "-qq", "download", *packages],
-                                  cwd=subprocess_dir, capture_output=True, text=True)
+                                  cwd=work, capture_output=True, text=True)
             if proc.returncode != 0:
                 err = [ln for ln in proc.stderr.splitlines() if ln.startswith("E:")] or ["?"]
                 raise BoardUnavailable(f"apt-get download (arm64) failed: {err[0]}")
-            for deb in Path(subprocess_dir).glob("*.deb"):
+            for deb in Path(work).glob("*.deb"):
                 deb.rename(dest / deb.name)
         finally:
-            shutil.rmtree(subprocess_dir, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def board_python_version(apt: _Apt) -> str:
