@@ -1,0 +1,96 @@
+"""MetaSchedule tuning of mixq's fast kernels (`mixq compile --tune N --tune-db DIR`).
+
+The search space of a kernel is its hand schedule with the tile sizes left as MetaSchedule
+decisions (`kernel.schedule(sch, tiles="sample")`), so every candidate keeps the packed layout
+and the dot-product tensorization, and so stays bit-exact. Records go to a JSON database in
+DIR (`database_workload.json`, `database_tuning_record.json`); a later compile of the same
+kernel shapes for the same target finds them there (`open_database`) and tunes nothing again.
+Kernels are keyed by their unscheduled PrimFunc, so identical layers share one task.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import tvm
+from tvm.s_tir import meta_schedule as ms
+from tvm.ir.utils import derived_object
+
+
+class TuneError(RuntimeError):
+    pass
+
+
+def open_database(db_dir) -> ms.database.JSONDatabase | None:
+    """The tuning database in `db_dir`, or None when there is none yet."""
+    db_dir = Path(db_dir)
+    if not (db_dir / "database_tuning_record.json").is_file():
+        return None
+    return ms.database.JSONDatabase(work_dir=str(db_dir), allow_missing=False)
+
+
+@derived_object
+class _Progress(ms.measure_callback.PyMeasureCallback):
+    """tqdm bar over all trials, with the best time so far per task."""
+
+    def __init__(self, bar, names):
+        super().__init__()
+        self.bar, self.names, self.best = bar, names, {}
+
+    def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+        for r in runner_results:
+            if r.run_secs:
+                us = sum(float(s) for s in r.run_secs) / len(r.run_secs) * 1e6
+                self.best[task_id] = min(self.best.get(task_id, float("inf")), us)
+        self.bar.update(len(runner_results))
+        self.bar.set_postfix_str(f"{self.names[task_id]} best {self.best.get(task_id, float('nan')):.1f} us")
+
+
+def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progress=True,
+                 seed: int = 0) -> ms.database.JSONDatabase:
+    """Tune `kernels` ({kernel: weight}) for `trials` measurements in total.
+
+    kernel objects provide `prim_func()`-able tensors via mixq.compile.x86.prim_func and
+    `schedule(sch, tiles="sample")`. `runner` is a MetaSchedule runner (default: local;
+    pass an RPCRunner to measure on a board)."""
+    from tqdm import tqdm
+
+    from mixq.compile.packed import prim_func
+
+    if trials < 1:
+        raise TuneError(f"--tune {trials}: the number of trials must be >= 1")
+    db_dir = Path(db_dir)
+    db_dir.mkdir(parents=True, exist_ok=True)
+    database = ms.database.JSONDatabase(work_dir=str(db_dir))
+    todo = [(k, w) for k, w in kernels.items()
+            if not database.has_workload(tvm.IRModule({"main": prim_func(k)}))]
+    names = [f"{type(k).__name__}{i}" for i, (k, _) in enumerate(todo)]
+    if not todo:
+        return database
+    if target.kind.name == "llvm" and not target.attrs.get("mtriple", "").startswith("aarch64"):
+        from mixq.compile.x86 import fix_wheel_vnni_intrinsic
+        fix_wheel_vnni_intrinsic()     # TuneContext imports the wheel's intrinsics: fix its VNNI one
+    tasks = []
+    for (kernel, _), name, rand in zip(todo, names, ms.utils.fork_seed(seed, n=len(todo))):
+        space = ms.space_generator.ScheduleFn(lambda sch, k=kernel: k.schedule(sch, tiles="sample"),
+                                              sch_rules=[], postprocs=[], mutator_probs={
+                                                  ms.mutator.MutateTileSize(): 1.0})
+        tasks.append(ms.TuneContext(mod=tvm.IRModule({"main": prim_func(kernel)}), target=target,
+                                    space_generator=space, search_strategy="evolutionary",
+                                    task_name=name, rand_state=rand,
+                                    logger=logging.getLogger(f"mixq.tune.{name}")).clone())
+    per_iter = max(1, min(16, trials // len(tasks)))
+    bar = tqdm(total=trials, desc=f"tuning {len(tasks)} kernels", unit="trial", disable=not progress)
+    try:
+        ms.tune_tasks(tasks=tasks, task_weights=[float(w) for _, w in todo], work_dir=str(db_dir),
+                      max_trials_global=trials, num_trials_per_iter=per_iter,
+                      builder=ms.builder.LocalBuilder(max_workers=os.cpu_count()),
+                      runner=runner or ms.runner.LocalRunner(
+                          evaluator_config=ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20)),
+                      database=database,
+                      measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [_Progress(bar, names)],
+                      cost_model="xgb", task_scheduler="gradient")
+    finally:
+        bar.close()
+    return database

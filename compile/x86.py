@@ -1,0 +1,107 @@
+"""x86 strategies for the packed fast path (mixq.compile.packed).
+
+x86-vnni  AVX512-VNNI `vpdpbusd`: u8 x s8 -> int32, 16 output x 4 input channels per
+          instruction (TensorIR intrinsic `mixq_dot_16x4_vnni`). Activations are uint8 as they
+          are; the signed network input is stored as x + 128.
+x86-avx2  the same loops without the intrinsic: LLVM vectorizes exact int32 multiply-adds
+          (for CPUs without VNNI). `dot_16x4_avx512` (pmaddubsw) is never used: it
+          saturates in int16, so it is not exact.
+"""
+from __future__ import annotations
+
+import tvm
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+from tvm.target import codegen
+
+from mixq.compile import packed
+from mixq.compile.packed import Strategy, Unsupported  # noqa: F401  (re-exported)
+
+# Our own name: importing tvm.s_tir.tensor_intrin (for the wheel's name) loads every target's
+# intrinsics, CUDA's included, which takes tens of seconds.
+VNNI_INTRIN = "mixq_dot_16x4_vnni"
+
+VNNI = Strategy("x86-vnni", VNNI_INTRIN, lanes=16, act_dtype="uint8", act_offset=0,
+                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=24)
+AVX2 = Strategy("x86-avx2", None, lanes=16, act_dtype="uint8", act_offset=0,
+                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=12)
+
+
+@T.prim_func(s_tir=True)
+def _dot_16x4_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+# The wheel's `dot_16x4_vnni` passes <16 x i32> operands where LLVM 22's
+# llvm.x86.avx512.vpdpbusd.512 takes <64 x i8>: this one reinterprets them.
+@T.prim_func(s_tir=True)
+def _vnni_16x4_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+        b_i8x64 = B.vload([0, 0], dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"), a_u8x64, b_i8x64, dtype="int32x16")
+
+
+TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _vnni_16x4_impl, override=True)
+
+
+def fix_wheel_vnni_intrinsic():
+    """Re-register the wheel's `dot_16x4_vnni` (used by MetaSchedule's default x86 rules)
+    with the working implementation. Imports all of tvm.s_tir.tensor_intrin: call it only
+    where that happens anyway (tuning)."""
+    import tvm.s_tir.tensor_intrin  # noqa: F401
+    TensorIntrin.register("dot_16x4_vnni", _dot_16x4_desc, _vnni_16x4_impl, override=True)
+
+
+def _has(target, feature: str) -> bool:
+    return target.kind.name == "llvm" and bool(codegen.target_has_features(feature, target))
+
+
+def has_vnni(target) -> bool:
+    return _has(target, "avx512vnni")
+
+
+def strategy_for(target) -> Strategy:
+    """The x86 strategy the target's features (mcpu / mattr) allow; Unsupported otherwise."""
+    if has_vnni(target):
+        return VNNI
+    if _has(target, "avx2"):
+        return AVX2
+    raise Unsupported(f"target {target.attrs.get('mcpu', '')} has neither AVX512-VNNI nor AVX2")
+
+
+def lower_graph(graph, batch: int, target, database=None):
+    return packed.lower_graph(graph, batch, strategy_for(target), target, database)
+
+
+def build(graph, batch: int, target, database=None):
+    """(Relax executable, report) of the graph on the packed x86 kernels."""
+    mod, report = lower_graph(graph, batch, target, database)
+    return packed.compile_module(mod, target), report
+
+
+def tune(graph, batch: int, target, trials: int, db_dir, runner=None, progress=True):
+    """MetaSchedule-tune the graph's conv kernels into `db_dir` (see mixq.compile.tune)."""
+    from mixq.compile.tune import tune_kernels
+    kernels = packed.tunable_kernels(graph, batch, strategy_for(target), target)
+    return tune_kernels(kernels, target, trials, db_dir, runner=runner, progress=progress)

@@ -1,0 +1,298 @@
+"""Fast integer kernels (mixq.compile.x86 / arm): every fast path compiled and compared with
+the golden NumPy interpreter (mixq.graph.run) on random graphs that exercise its corners:
+signed network input (+128 shift), 9-bit weights (two int8 parts), channel counts that are not
+multiples of 16, stride/padding/1x1 shortcuts, residual adds fused into a conv and standalone,
+pools, a non-trivial flatten, sub-8-bit activations, odd batch sizes; on VNNI and on the AVX2
+fallback; aarch64 sdot/udot code under qemu (slow)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mixq import graph as G
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+
+from mixq.compile import packed, x86  # noqa: E402
+
+VNNI_TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
+AVX2_TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+
+
+def host_has(feature: str) -> bool:
+    from tvm.target import codegen
+    host = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    return bool(codegen.target_has_features(feature, host))
+
+
+needs_vnni = pytest.mark.skipif(not host_has("avx512vnni"), reason="host CPU has no AVX512-VNNI")
+needs_avx2 = pytest.mark.skipif(not host_has("avx2"), reason="host CPU has no AVX2")
+
+
+# ----------------------------------------------------------------------------- graph builder
+class Builder:
+    """Random integer graphs that obey the contract (mixq.graph) with outputs spread over the
+    activation range, so that requantization, clipping and rounding are all exercised."""
+
+    def __init__(self, shape, seed=0, input_dtype="int8"):
+        self.rng = np.random.default_rng(seed)
+        self.ops, self.tensors = [], {}
+        bits = 8
+        self.input = G.TensorInfo("input", tuple(shape), input_dtype, bits, 0.05)
+        self.tensors["input"] = self.input
+        self.max = {"input": 127 if input_dtype == "int8" else 255}
+
+    def _multiplier(self, real, n):
+        return G.quantize_multiplier(real * self.rng.uniform(0.5, 1.5, n), "t")
+
+    def _add_tensor(self, name, shape, dtype, bits):
+        self.tensors[name] = G.TensorInfo(name, tuple(shape), dtype, bits, 1.0)
+
+    def conv(self, src, cout, k=3, stride=1, padding=1, wbits=8, out_bits=8, raw=False, kind="conv2d"):
+        name = f"{kind}{len(self.ops)}"
+        t = self.tensors[src]
+        cin = t.shape[0]
+        wmax = (1 << (wbits - 1)) - 1
+        wshape = (cout, cin, k, k) if kind == "conv2d" else (cout, cin)
+        w = self.rng.integers(-wmax, wmax + 1, wshape)
+        w[self.rng.random(wshape) < 0.3] = 0
+        w[0].flat[0] = wmax                         # reach the storage range's edge
+        fan_in = int(np.prod(wshape[1:]))
+        typical = np.sqrt(fan_in) * wmax * self.max[src] / 2.0
+        arrays = {"weight": w.astype(G.container_dtype(wbits)),
+                  "bias": self.rng.integers(-int(typical), int(typical) + 1, cout).astype(np.int32)}
+        attrs = {"storage_bits": wbits}
+        if kind == "conv2d":
+            attrs.update(stride=stride, padding=padding, groups=1)
+            h = (t.shape[1] + 2 * padding - k) // stride + 1
+            shape = (cout, h, (t.shape[2] + 2 * padding - k) // stride + 1)
+        else:
+            shape = (cout,)
+        if raw:
+            dtype, bits = "int32", 32
+            self.max[name] = fan_in * wmax * self.max[src] + int(np.abs(arrays["bias"]).max())
+        else:
+            arrays["multiplier"], arrays["shift"] = self._multiplier((1 << out_bits) / (2 * typical), cout)
+            attrs["out_bits"] = out_bits
+            dtype, bits = "uint8", out_bits
+            self.max[name] = (1 << out_bits) - 1
+        self.ops.append(G.Op(name, kind, [src], name, attrs, arrays))
+        self._add_tensor(name, shape, dtype, bits)
+        return name
+
+    def linear(self, src, cout, **kw):
+        return self.conv(src, cout, kind="linear", **kw)
+
+    def add(self, *srcs, out_bits=8):
+        name = f"add{len(self.ops)}"
+        c = self.tensors[srcs[0]].shape[0]
+        arrays = {}
+        for i, s in enumerate(srcs):
+            arrays[f"multiplier{i}"], arrays[f"shift{i}"] = self._multiplier((1 << out_bits) / (len(srcs) * self.max[s]), c)
+        self.ops.append(G.Op(name, "add", list(srcs), name, {"out_bits": out_bits}, arrays))
+        self._add_tensor(name, self.tensors[srcs[0]].shape, "uint8", out_bits)
+        self.max[name] = (1 << out_bits) - 1
+        return name
+
+    def pool(self, src, kind, kernel, stride, padding=0, out_bits=8):
+        name = f"{kind}{len(self.ops)}"
+        c, h, w = self.tensors[src].shape
+        shape = (c, (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1)
+        attrs = {"kernel": kernel, "stride": stride, "padding": padding}
+        arrays = {}
+        if kind == "avgpool":
+            attrs["out_bits"] = out_bits
+            arrays["multiplier"], arrays["shift"] = G.quantize_multiplier(np.array([1.0 / kernel ** 2]), name)
+            bits = out_bits
+        else:
+            bits = self.tensors[src].bits
+        self.ops.append(G.Op(name, kind, [src], name, attrs, arrays))
+        self._add_tensor(name, shape, "uint8", bits)
+        self.max[name] = self.max[src]
+        return name
+
+    def flatten(self, src):
+        name = f"flatten{len(self.ops)}"
+        t = self.tensors[src]
+        self.ops.append(G.Op(name, "flatten", [src], name, {}, {}))
+        self._add_tensor(name, (int(np.prod(t.shape)),), t.dtype, t.bits)
+        self.max[name] = self.max[src]
+        return name
+
+    def graph(self, output) -> G.IntGraph:
+        return G.IntGraph("test", self.input, output, self.ops, self.tensors, {})
+
+
+def digits_like(seed=0):
+    """The digits CNN's shape: 1 input channel (4-wide blocks), global pool, 10-way linear."""
+    b = Builder((1, 8, 8), seed)
+    x = b.conv("input", 32, wbits=5)
+    x = b.conv(x, 32, wbits=4)
+    x = b.conv(x, 64, stride=2, wbits=9)
+    x = b.pool(x, "avgpool", 4, 4)
+    return b.graph(b.linear(b.flatten(x), 10, wbits=7, raw=True))
+
+
+def resnet_like(seed=1):
+    """Residual blocks (identity and 1x1 shortcut), 9-bit and 2-bit layers, 24 channels,
+    a three-way add of uint8 tensors, maxpool, 4-bit activations, flatten of a 2x2 map."""
+    b = Builder((3, 12, 12), seed)
+    stem = b.conv("input", 16, wbits=9)
+    y = b.conv(stem, 16, wbits=3)
+    y = b.conv(y, 16, wbits=2, raw=True)
+    block1 = b.add(y, stem)                                  # fused: raw conv + uint8 identity
+    y = b.conv(block1, 24, stride=2, wbits=6)
+    y = b.conv(y, 24, wbits=9, raw=True)
+    sc = b.conv(block1, 24, k=1, stride=2, padding=0, wbits=5, raw=True)
+    block2 = b.add(y, sc)                                    # fused: two raw convs
+    a = b.conv(block2, 24, k=1, padding=0, out_bits=4)
+    c = b.conv(block2, 24, out_bits=4)
+    three = b.add(a, c, block2, out_bits=4)                  # standalone add
+    m = b.pool(three, "maxpool", 3, 2, padding=1)            # 6x6 -> 3x3
+    m = b.pool(m, "avgpool", 2, 1)                           # 3x3 -> 2x2
+    f = b.flatten(m)                                         # 96 features in NCHW order
+    h = b.linear(f, 20, wbits=8)
+    return b.graph(b.linear(h, 10, wbits=9, raw=True))
+
+
+def random_input(graph, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    lo = -127 if graph.input.dtype == "int8" else 0
+    hi = 127 if graph.input.dtype == "int8" else 255
+    return rng.integers(lo, hi + 1, (batch, *graph.input.shape)).astype(graph.input.dtype)
+
+
+def run_compiled(graph, batch, target, x, database=None):
+    ex, report = x86.build(graph, batch, tvm.target.Target(target), database)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy(), report
+
+
+# ----------------------------------------------------------------------------- numpy-only
+def test_weight_parts_rebuild_9bit_weights_exactly():
+    w = np.arange(-255, 256).reshape(1, -1, 1, 1)
+    parts = packed.weight_parts(w)
+    assert len(parts) == 2
+    assert all(p.min() >= -128 and p.max() <= 127 for p in parts)
+    assert np.array_equal(2 * parts[0] + parts[1], w)
+    assert len(packed.weight_parts(np.array([[-127, 127]]))) == 1
+    with pytest.raises(packed.Unsupported):
+        packed.weight_parts(np.array([[256]]))
+
+
+def test_packed_weight_layout_matches_the_conv_index():
+    rng = np.random.default_rng(0)
+    w = rng.integers(-255, 256, (20, 6, 3, 3))
+    pw = packed.pack_conv_weight(w, in_block=4)                 # 2 parts, O 20 -> 32, C 6 -> 8
+    assert pw.shape == (2 * 2, 2, 3, 3, 1, 16, 4) and pw.dtype == np.int8
+    hi, lo = packed.weight_parts(w)
+    for o, c, kh, kw in [(0, 0, 0, 0), (19, 5, 2, 1), (7, 4, 1, 2)]:
+        oc, ob, ic, icb = o // 16, o % 16, c // 4, c % 4
+        assert pw[oc * 2, ic, kh, kw, icb // 4, ob, icb % 4] == hi[o, c, kh, kw]
+        assert pw[oc * 2 + 1, ic, kh, kw, icb // 4, ob, icb % 4] == lo[o, c, kh, kw]
+    assert not pw[1 * 2, :, :, :, :, 4:].any()          # padded output channels are zero
+    assert not pw[:, 1, :, :, :, :, 2:].any()            # padded input channels are zero
+
+
+# ----------------------------------------------------------------------------- compiled
+@needs_vnni
+@pytest.mark.parametrize("make_graph,batch", [(digits_like, 1), (digits_like, 3), (resnet_like, 2)])
+def test_vnni_program_is_bit_exact(make_graph, batch):
+    g = make_graph()
+    x = random_input(g, batch)
+    got, report = run_compiled(g, batch, VNNI_TARGET, x)
+    assert report["strategy"] == "x86-vnni"
+    want = G.run(g, x)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    assert np.array_equal(got, want)
+
+
+@needs_avx2
+def test_avx2_fallback_is_bit_exact():
+    g = resnet_like(seed=3)
+    x = random_input(g, 2, seed=3)
+    got, report = run_compiled(g, 2, AVX2_TARGET, x)
+    assert report["strategy"] == "x86-avx2"
+    assert np.array_equal(got, G.run(g, x))
+
+
+@needs_vnni
+def test_extreme_values_stay_exact():
+    """All-max inputs against max-magnitude weights: the accumulators' worst case."""
+    b = Builder((3, 6, 6), seed=5)
+    x = b.conv("input", 16, wbits=9)
+    y = b.conv(x, 32, wbits=8, raw=True)
+    g = b.graph(y)
+    for w in (g.ops[0].arrays["weight"], g.ops[1].arrays["weight"]):
+        w[...] = np.where(np.arange(w.size).reshape(w.shape) % 2, 1, -1) * np.abs(w).max()
+    for value in (-127, 127):
+        xin = np.full((1, 3, 6, 6), value, np.int8)
+        got, _ = run_compiled(g, 1, VNNI_TARGET, xin)
+        assert np.array_equal(got, G.run(g, xin))
+
+
+def test_unsupported_graphs_are_refused_with_a_reason():
+    g = digits_like()
+    g.ops[1].attrs["groups"] = 2
+    with pytest.raises(packed.Unsupported, match="grouped"):
+        x86.lower_graph(g, 1, tvm.target.Target(VNNI_TARGET))
+    with pytest.raises(packed.Unsupported, match="AVX"):
+        x86.lower_graph(digits_like(), 1, tvm.target.Target({"kind": "llvm", "mcpu": "core2"}))
+
+
+# ----------------------------------------------------------------------------- aarch64
+AARCH64_SDOT = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+AARCH64_NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+
+
+def test_aarch64_kernels_use_sdot():
+    """Without a board: the generated aarch64 code of a conv kernel is made of sdot."""
+    import re
+
+    from mixq.compile import arm
+    target = tvm.target.Target(AARCH64_SDOT)
+    mod, report = arm.lower_graph(digits_like(), 1, target)
+    assert report["strategy"] == "arm-sdot"
+    conv = next(gv for gv in mod.get_global_vars() if "ConvKernel" in gv.name_hint)
+    lib = tvm.compile(tvm.IRModule({"main": mod[conv].with_attr("global_symbol", "main")}), target)
+    asm = lib.mod.inspect_source("asm")
+    assert len(re.findall(r"\bsdot\b", asm)) >= 4
+
+
+@pytest.fixture(scope="module")
+def arm_board():
+    import shutil
+    import socket
+
+    from mixq.runtime import arm_board as board_mod
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ missing (apt-get install g++-aarch64-linux-gnu)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        handle = board_mod.start(port)
+    except board_mod.BoardUnavailable as e:
+        pytest.skip(f"emulated aarch64 board unavailable: {e}")
+    yield handle
+    handle.stop()
+    handle.log_path.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [AARCH64_SDOT, AARCH64_NEON], ids=["sdot", "neon"])
+def test_aarch64_program_is_bit_exact_on_the_board(arm_board, tmp_path, target):
+    import tvm.support.cc
+
+    from mixq.compile import arm
+    g = resnet_like(seed=7)
+    x = random_input(g, 2, seed=7)
+    ex, report = arm.build(g, 2, tvm.target.Target(target))
+    lib_path = tmp_path / "model.so"
+    ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+    remote = arm_board.connect()
+    remote.upload(str(lib_path))
+    vm = relax.VirtualMachine(remote.load_module(lib_path.name), remote.cpu())
+    got = vm["main"](tvm.runtime.tensor(x, remote.cpu())).numpy()
+    assert np.array_equal(got, G.run(g, x)), report["strategy"]
