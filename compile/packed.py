@@ -231,10 +231,12 @@ class ConvKernel:
         return args + [out]
 
     # -- schedule ---------------------------------------------------------------------
+    ORDERS = ("ic-outer", "k-outer")        # reduction loop orders (design-space sketches)
+
     def default_tiles(self):
-        """(output-channel chunks, output columns) computed per register tile: enough
-        independent accumulators to hide the dot product's latency (>= 8 vectors), no more
-        than the strategy's register budget."""
+        """(oc_inner, oh_inner, ow_inner): output-channel chunks, rows and columns computed per
+        register tile. Enough independent accumulators to hide the dot product's latency
+        (>= 8 vectors), no more than the strategy's register budget."""
         ho, wo = self.out_hw
         per_pixel = self.parts * BLOCK // self.strategy.lanes      # vectors per pixel and chunk
         budget = self.strategy.accumulators
@@ -243,30 +245,43 @@ class ConvKernel:
         while (ow_inner * oc_inner * per_pixel < 8 and self.out_chunks % (oc_inner * 2) == 0
                and ow_inner * oc_inner * 2 * per_pixel <= budget):
             oc_inner *= 2
-        return oc_inner, ow_inner
+        return oc_inner, 1, ow_inner
 
-    def schedule(self, sch: Schedule, tiles=None):
-        """The hand schedule; tiles="sample" makes the tile sizes MetaSchedule decisions.
+    def design_space(self, sch: Schedule) -> list:
+        """MetaSchedule's search space: one sketch per reduction order, tile sizes sampled."""
+        sketches = []
+        for order in self.ORDERS:
+            s = sch.copy()
+            self.schedule(s, tiles="sample", order=order)
+            sketches.append(s)
+        return sketches
 
-        One parallel task per output row (and image): it pads the K input rows it needs into
-        a small thread-local buffer (no separate padding pass), then walks output-channel
-        chunks and column tiles; a tile keeps parts x oc_inner x ow_inner x 16/lanes vector
-        accumulators while the reduction runs, then the fused epilogue writes the results."""
+    def schedule(self, sch: Schedule, tiles=None, order="ic-outer"):
+        """The hand schedule (tiles=None: `default_tiles`); tiles="sample" makes the tile
+        sizes MetaSchedule decisions.
+
+        One parallel task per image and oh_inner output rows: it pads the input rows it needs
+        into a small thread-local buffer (no separate padding pass), then walks output-channel
+        chunks and column tiles; a tile keeps parts x oc_inner x oh_inner x ow_inner x 16/lanes
+        vector accumulators while the reduction runs, then the fused epilogue writes them."""
         st = self.strategy
         conv = sch.get_sblock("conv")
         n, oc, oh, ow, ob, ico, kh, kw, icf, ics = sch.get_loops(conv)
         oc, part = sch.split(oc, [None, self.parts])
         if tiles == "sample":
             oco, oci = sch.split(oc, sch.sample_perfect_tile(oc, n=2, max_innermost_factor=4))
+            oho, ohi = sch.split(oh, sch.sample_perfect_tile(oh, n=2, max_innermost_factor=2))
             owo, owi = sch.split(ow, sch.sample_perfect_tile(ow, n=2, max_innermost_factor=16))
         else:
-            oc_inner, ow_inner = tiles or self.default_tiles()
+            oc_inner, oh_inner, ow_inner = tiles or self.default_tiles()
             oco, oci = sch.split(oc, [None, oc_inner])
+            oho, ohi = sch.split(oh, [None, oh_inner])
             owo, owi = sch.split(ow, [None, ow_inner])
         obo, obi = sch.split(ob, [None, st.lanes])
-        sch.reorder(n, oh, oco, owo, ico, kh, kw, icf, part, oci, owi, obo, obi, ics)
+        reduction = (ico, kh, kw, icf) if order == "ic-outer" else (kh, kw, ico, icf)
+        sch.reorder(n, oho, oco, owo, *reduction, part, oci, ohi, owi, obo, obi, ics)
         sch.reverse_compute_at(sch.get_sblock("epilogue"), owo, preserve_unit_loops=True)
-        row = sch.fuse(n, oh)
+        row = sch.fuse(n, oho)
         sch.parallel(row)
         if self.padding:
             pad = sch.get_sblock("pad")
@@ -276,10 +291,10 @@ class ConvKernel:
             sch.reorder(ics, obi)
             sch.vectorize(obi)
             sch.unroll(ics)
-        init = sch.decompose_reduction(conv, ico)
+        init = sch.decompose_reduction(conv, reduction[0])
         if st.intrin is not None:
             sch.tensorize(obi, st.intrin)
-        for loop in (obo, owi, oci, part):
+        for loop in (obo, owi, ohi, oci, part):
             sch.unroll(loop)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.vectorize(sch.get_loops(sch.get_sblock("epilogue"))[-1])

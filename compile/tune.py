@@ -9,7 +9,6 @@ Kernels are keyed by their unscheduled PrimFunc, so identical layers share one t
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -47,13 +46,23 @@ class _Progress(ms.measure_callback.PyMeasureCallback):
         self.bar.set_postfix_str(f"{self.names[task_id]} best {self.best.get(task_id, float('nan')):.1f} us")
 
 
+def _build(mod, target, _params):
+    """MetaSchedule's default build minus its `import tvm.s_tir.tensor_intrin`, which loads
+    every target's intrinsics (tens of seconds in each fresh builder process). Candidates are
+    already tensorized, so the worker needs no intrinsic."""
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+    return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
+
+
 def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progress=True,
                  seed: int = 0) -> ms.database.JSONDatabase:
     """Tune `kernels` ({kernel: weight}) for `trials` measurements in total.
 
-    kernel objects provide `prim_func()`-able tensors via mixq.compile.x86.prim_func and
-    `schedule(sch, tiles="sample")`. `runner` is a MetaSchedule runner (default: local;
-    pass an RPCRunner to measure on a board)."""
+    Kernels are mixq.compile.packed kernels: `tensors()` (the workload) and
+    `design_space(sch)` (sketches with sampled decisions). `runner` is a MetaSchedule runner
+    (default: local; pass an RPCRunner to measure on a board). MetaSchedule's own logs go to
+    DIR/logs."""
     from tqdm import tqdm
 
     from mixq.compile.packed import prim_func
@@ -71,21 +80,26 @@ def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progre
     if target.kind.name == "llvm" and not target.attrs.get("mtriple", "").startswith("aarch64"):
         from mixq.compile.x86 import fix_wheel_vnni_intrinsic
         fix_wheel_vnni_intrinsic()     # TuneContext imports the wheel's intrinsics: fix its VNNI one
+    strategy = ms.search_strategy.EvolutionarySearch(
+        population_size=32, init_measured_ratio=0.2, init_min_unmeasured=8, max_fail_count=8,
+        genetic_num_iters=2, genetic_mutate_prob=0.85, genetic_max_fail_count=4, eps_greedy=0.1)
     tasks = []
-    for (kernel, _), name, rand in zip(todo, names, ms.utils.fork_seed(seed, n=len(todo))):
-        space = ms.space_generator.ScheduleFn(lambda sch, k=kernel: k.schedule(sch, tiles="sample"),
+    loggers = ms.logging.get_loggers_from_work_dir(str(db_dir), names)
+    for (kernel, _), name, rand, logger in zip(todo, names, ms.utils.fork_seed(seed, n=len(todo)), loggers):
+        space = ms.space_generator.ScheduleFn(kernel.design_space,
                                               sch_rules=[], postprocs=[], mutator_probs={
                                                   ms.mutator.MutateTileSize(): 1.0})
         tasks.append(ms.TuneContext(mod=tvm.IRModule({"main": prim_func(kernel)}), target=target,
-                                    space_generator=space, search_strategy="evolutionary",
+                                    space_generator=space, search_strategy=strategy,
                                     task_name=name, rand_state=rand,
-                                    logger=logging.getLogger(f"mixq.tune.{name}")).clone())
+                                    logger=logger).clone())
     per_iter = max(1, min(16, trials // len(tasks)))
     bar = tqdm(total=trials, desc=f"tuning {len(tasks)} kernels", unit="trial", disable=not progress)
     try:
         ms.tune_tasks(tasks=tasks, task_weights=[float(w) for _, w in todo], work_dir=str(db_dir),
                       max_trials_global=trials, num_trials_per_iter=per_iter,
-                      builder=ms.builder.LocalBuilder(max_workers=os.cpu_count()),
+                      builder=ms.builder.LocalBuilder(max_workers=os.cpu_count(), f_build=_build,
+                                                      timeout_sec=120),
                       runner=runner or ms.runner.LocalRunner(
                           evaluator_config=ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20)),
                       database=database,
