@@ -9,7 +9,10 @@ Kernels are keyed by their unscheduled PrimFunc, so identical layers share one t
 """
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
+import types
 from pathlib import Path
 
 import tvm
@@ -19,6 +22,22 @@ from tvm.ir.utils import derived_object
 
 class TuneError(RuntimeError):
     pass
+
+
+def _lazy_tensor_intrin_package():
+    """TuneContext runs `import tvm.s_tir.tensor_intrin`, whose __init__ registers every
+    target's intrinsics; CUDA's alone take ~30 s to parse. mixq's design spaces use only the
+    intrinsics mixq registers itself, so the package is entered without its __init__: its
+    submodules (tvm.s_tir.tensor_intrin.x86, ...) still import normally on demand."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    spec = importlib.util.find_spec(name)
+    package = types.ModuleType(name, "tvm.s_tir.tensor_intrin without its eager imports (mixq)")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__package__ = name
+    package.__spec__ = spec
+    sys.modules[name] = package
 
 
 def open_database(db_dir) -> ms.database.JSONDatabase | None:
@@ -77,9 +96,7 @@ def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progre
     names = [f"{type(k).__name__}{i}" for i, (k, _) in enumerate(todo)]
     if not todo:
         return database
-    if target.kind.name == "llvm" and not target.attrs.get("mtriple", "").startswith("aarch64"):
-        from mixq.compile.x86 import fix_wheel_vnni_intrinsic
-        fix_wheel_vnni_intrinsic()     # TuneContext imports the wheel's intrinsics: fix its VNNI one
+    _lazy_tensor_intrin_package()
     strategy = ms.search_strategy.EvolutionarySearch(
         population_size=32, init_measured_ratio=0.2, init_min_unmeasured=8, max_fail_count=8,
         genetic_num_iters=2, genetic_mutate_prob=0.85, genetic_max_fail_count=4, eps_greedy=0.1)

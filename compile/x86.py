@@ -66,10 +66,9 @@ TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _vnni_16x4_impl, override=Tru
 
 
 def fix_wheel_vnni_intrinsic():
-    """Re-register the wheel's `dot_16x4_vnni` (used by MetaSchedule's default x86 rules)
-    with the working implementation. Imports all of tvm.s_tir.tensor_intrin: call it only
-    where that happens anyway (tuning)."""
-    import tvm.s_tir.tensor_intrin  # noqa: F401
+    """Re-register the wheel's `dot_16x4_vnni` (used by MetaSchedule's default x86 rules,
+    not by mixq) with the working implementation, for code that tunes with those rules."""
+    import tvm.s_tir.tensor_intrin.x86  # noqa: F401  (registers the broken one first)
     TensorIntrin.register("dot_16x4_vnni", _dot_16x4_desc, _vnni_16x4_impl, override=True)
 
 

@@ -296,3 +296,23 @@ def test_aarch64_program_is_bit_exact_on_the_board(arm_board, tmp_path, target):
     vm = relax.VirtualMachine(remote.load_module(lib_path.name), remote.cpu())
     got = vm["main"](tvm.runtime.tensor(x, remote.cpu())).numpy()
     assert np.array_equal(got, G.run(g, x)), report["strategy"]
+
+
+# ----------------------------------------------------------------------------- tuning
+@needs_vnni
+def test_tuning_records_are_reused_and_stay_exact(tmp_path):
+    from mixq.compile import tune
+    b = Builder((16, 8, 8), seed=11)
+    g = b.graph(b.conv("input", 32, wbits=9))
+    target = tvm.target.Target(VNNI_TARGET)
+    db_dir = tmp_path / "tune-db"
+    x86.tune(g, 1, target, trials=4, db_dir=db_dir, progress=False)
+    records = (db_dir / "database_tuning_record.json").read_text().splitlines()
+    assert records, "tuning measured nothing"
+    database = tune.open_database(db_dir)
+    x = random_input(g, 1, seed=11)
+    got, report = run_compiled(g, 1, VNNI_TARGET, x, database)
+    assert report["tuned_kernels"] == 1
+    assert np.array_equal(got, G.run(g, x))
+    x86.tune(g, 1, target, trials=4, db_dir=db_dir, progress=False)     # same shapes: nothing to do
+    assert (db_dir / "database_tuning_record.json").read_text().splitlines() == records
