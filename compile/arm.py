@@ -25,9 +25,9 @@ from mixq.compile.packed import Strategy, Unsupported
 SDOT_INTRIN = "mixq_dot_4x4_i8i8s32_sdot"
 
 SDOT = Strategy("arm-sdot", SDOT_INTRIN, lanes=4, act_dtype="int8", act_offset=-128,
-                input_offsets=(("int8", 0), ("uint8", -128)), accumulators=24)
+                input_offsets=(("int8", 0), ("uint8", -128)), accumulators=16)
 NEON = Strategy("arm-neon", None, lanes=16, act_dtype="uint8", act_offset=0,
-                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=8)
+                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=4)
 
 
 @T.prim_func(s_tir=True)

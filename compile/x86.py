@@ -22,9 +22,9 @@ from mixq.compile.packed import Strategy, Unsupported  # noqa: F401  (re-exporte
 VNNI_INTRIN = "mixq_dot_16x4_vnni"
 
 VNNI = Strategy("x86-vnni", VNNI_INTRIN, lanes=16, act_dtype="uint8", act_offset=0,
-                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=24)
+                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=16)
 AVX2 = Strategy("x86-avx2", None, lanes=16, act_dtype="uint8", act_offset=0,
-                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=12)
+                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=8)
 
 
 @T.prim_func(s_tir=True)
