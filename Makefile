@@ -57,5 +57,9 @@ arm-board: $(STAMP)
 arm-board-stop: $(STAMP)
 	$(PY) -m mixq.runtime.arm_board stop
 
+# CSQ vs float training step on CPU (ResNet-20, batch 128): time and peak memory ratios
+bench-train: $(STAMP)
+	$(PY) bench/bench_train.py
+
 clean:
 	rm -rf runs build .pytest_cache

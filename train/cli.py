@@ -15,9 +15,15 @@ def add_arguments(p):
     p.add_argument("--target-bits", type=float, default=d.target_bits, help="CSQ average weight precision budget")
     p.add_argument("--weight-bits", type=int, default=d.weight_bits, help="ste-uniform weight bits")
     p.add_argument("--act-bits", type=int, default=d.act_bits, help="activation bits 2..8, or 32 (float)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs, help="CSQ: epochs with the bit mask fixed")
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="all training epochs (CSQ: search + finetune)")
+    p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
+                   help="CSQ: the last N of --epochs train with the bit mask frozen (default: a third)")
+    p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (weights, BN, scales, clips)")
+    p.add_argument("--bit-lr", type=float, default=d.bit_lr, help="CSQ: Adam learning rate of the bit and mask logits")
+    p.add_argument("--init-logit", type=float, default=d.init_logit, help="CSQ: |bit logit| derived from the float weights")
+    p.add_argument("--mask-init", type=float, default=d.mask_init, help="CSQ: initial bit-mask logits")
+    p.add_argument("--min-layer-bits", type=int, default=d.min_layer_bits,
+                   help="CSQ guard: every layer keeps at least this many bits (0: off, the paper's plain rule)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="CSQ budget regularizer strength")

@@ -18,13 +18,17 @@ class TrainConfig:
     target_bits: float = 3.0
     weight_bits: int = 8            # ste-uniform only
     act_bits: int = 8
-    epochs: int = 40
-    finetune_epochs: int = 0
-    lr: float = 0.05
+    epochs: int = 30                # all of training; CSQ: search, then finetune
+    finetune_epochs: int | None = None   # CSQ: of those, with the mask frozen (None: a third)
+    lr: float = 0.05                # SGD (Nesterov momentum) for weights, BN, CSQ scales, PACT clips
+    bit_lr: float = 0.02            # Adam for the CSQ bit logits m_p, m_n (see loop.make_optimizers)
     batch_size: int = 64
     weight_decay: float = 5e-4
     lam: float = 0.01
     beta_max: float = 200.0
+    init_logit: float = 2.0         # |bit logit| derived from the float weight
+    mask_init: float = 0.2          # |initial bit-mask logits m_B| (see CSQ.prepare)
+    min_layer_bits: int = 1         # CSQ guard: every layer keeps >= this many bits (0: off)
     seed: int = 0
     device: str = "auto"
     train_subset: int | None = None
@@ -48,7 +52,23 @@ class TrainConfig:
             d["input_shape"] = tuple(d["input_shape"])
         return cls(**d)
 
+    def finetune(self) -> int:
+        """CSQ epochs with the bit mask frozen (beta rewound and annealed again); 0 otherwise."""
+        if self.method != "csq":
+            return 0
+        return self.epochs // 3 if self.finetune_epochs is None else self.finetune_epochs
+
+    def search(self) -> int:
+        """Epochs of the search phase (all of them for a method without a finetune phase)."""
+        return self.epochs - self.finetune()
+
     def validate(self):
+        from mixq.data import DATASETS
+        from mixq.models import MODELS
+        if self.model not in MODELS:
+            raise ValueError(f"--model {self.model}: unknown model '{self.model}' (choose from: {', '.join(MODELS)})")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset {self.dataset}: unknown dataset '{self.dataset}' (choose from: {', '.join(DATASETS)})")
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method}: unknown (choose from: {', '.join(METHODS)})")
         if not 0 < self.target_bits <= 8:
@@ -60,15 +80,17 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.finetune_epochs < 0:
-            raise ValueError("--finetune-epochs must be >= 0")
+        if self.finetune_epochs is not None and not 0 <= self.finetune_epochs < self.epochs:
+            raise ValueError(f"--finetune-epochs {self.finetune_epochs}: must be >= 0 and less than "
+                             f"--epochs {self.epochs} (the finetune epochs are part of them)")
 
 
 def build(cfg: TrainConfig):
     """(QuantModel, method) for a config; weights are whatever the builder initializes."""
     net = build_model(cfg.model, cfg.num_classes)
     if cfg.method == "csq":
-        method = CSQ(cfg.act_bits, cfg.target_bits, cfg.epochs, cfg.finetune_epochs, cfg.lam, cfg.beta_max)
+        method = CSQ(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam, cfg.beta_max,
+                     cfg.init_logit, cfg.mask_init, cfg.min_layer_bits)
     else:
         method = STEUniform(cfg.act_bits, cfg.weight_bits)
     model = quant.QuantModel(method.prepare(net))

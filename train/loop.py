@@ -1,10 +1,15 @@
 """`mixq train`: the whole training loop, one screen, then the run directory.
 
-RUN_DIR/checkpoint.pt   {"model", "config", "epoch", "optimizer", "scheduler", "history"}
+RUN_DIR/checkpoint.pt   {"model", "config", "epoch", "optimizers", "schedulers", "history"}
                         (loads with torch.load(weights_only=True); written atomically per epoch)
-RUN_DIR/metrics.json    accuracy of the hardened model, bits, compression, per-layer table
+RUN_DIR/metrics.json    accuracy of the hardened model (and under integer simulation), bits,
+                        compression, per-layer table
 RUN_DIR/history.csv     per epoch: loss, accuracy, beta, precision (avg and per layer)
 RUN_DIR/precision.png   per-layer precision over epochs;  RUN_DIR/bits.png final bit-widths
+
+Under torchrun (WORLD_SIZE > 1) every process trains on its DistributedSampler shard with the
+model wrapped in DistributedDataParallel; `--batch-size` is per process (as in torchvision's
+references), only rank 0 evaluates and writes. The method code does not know about it.
 """
 from __future__ import annotations
 
@@ -13,23 +18,44 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from mixq import data as datasets
 from mixq.train.config import TrainConfig, build
 
+CHECKPOINT_KEYS = {"model", "config", "epoch"}
+RESUME_KEYS = CHECKPOINT_KEYS | {"optimizers", "schedulers", "history"}
+# Fault injection for tests: make the loss NaN at this global step (0-based).
+NAN_AT_STEP_ENV = "MIXQ_TEST_NAN_AT_STEP"
+
 
 class TrainError(RuntimeError):
     pass
 
 
-def pick_device(name: str) -> torch.device:
+# ----------------------------------------------------------------------------- plumbing
+@dataclass
+class Proc:
+    """This process's place in a (possibly single-process) run."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError:
@@ -37,6 +63,21 @@ def pick_device(name: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {name}: CUDA is not available on this machine")
     return dev
+
+
+def start_process(cfg: TrainConfig) -> Proc:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Proc(device=pick_device(cfg.device))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(cfg.device, local_rank)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return Proc(dist.get_rank(), dist.get_world_size(), device)
 
 
 def atomic_save(obj, path: Path):
@@ -52,13 +93,14 @@ def atomic_write(path: Path, text: str):
 
 
 @torch.no_grad()
-def evaluate(model, loader, device) -> float:
+def predict(model, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(predicted class, label) over a loader, on CPU."""
     model.eval()
-    correct = total = 0
+    preds, labels = [], []
     for x, y in loader:
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-        total += len(y)
-    return 100.0 * correct / max(total, 1)
+        preds.append(model(x.to(device)).argmax(1).cpu())
+        labels.append(y)
+    return torch.cat(preds), torch.cat(labels)
 
 
 def load_checkpoint(path) -> dict:
@@ -70,7 +112,7 @@ def load_checkpoint(path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/foreign files
         raise TrainError(f"{path}: not a readable mixq checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config", "epoch"} <= set(ckpt):
+    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
         raise TrainError(f"{path}: not a mixq checkpoint (missing model/config/epoch)")
     return ckpt
 
@@ -81,89 +123,248 @@ def restore_model(ckpt: dict, path="checkpoint"):
         cfg = TrainConfig.from_dict(ckpt["config"])
         model, method = build(cfg)
         model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError, TypeError, KeyError) as e:
-        msg = str(e).strip().splitlines()[0]
+    except (ValueError, RuntimeError, TypeError, KeyError, AttributeError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TrainError(f"{path}: checkpoint does not match its model config ({msg[:200]})") from None
     return model, method, cfg
 
 
+def resume_state(ckpt_path: Path, cfg: TrainConfig) -> dict:
+    if not ckpt_path.exists():
+        raise TrainError(f"--resume: {ckpt_path} does not exist (nothing to resume)")
+    state = load_checkpoint(ckpt_path)
+    if not RESUME_KEYS <= set(state):
+        raise TrainError(f"{ckpt_path}: not resumable (no optimizer state: not written by mixq train)")
+    try:
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"{ckpt_path}: checkpoint config is not a mixq config ({e})") from None
+    wanted = cfg.to_dict()
+    differ = [k for k in wanted if k != "device" and saved[k] != wanted[k]]
+    if differ:
+        k = differ[0]
+        raise TrainError(f"{ckpt_path}: --resume with a different configuration than the run's "
+                         f"({k}: run has {saved[k]!r}, now {wanted[k]!r})")
+    return state
+
+
+# ----------------------------------------------------------------------------- optimization
+def is_bit_logit(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("bit_logits_pos", "bit_logits_neg", "bit_mask_logits")
+
+
+def make_optimizers(model, cfg: TrainConfig) -> dict:
+    """Two optimizers, both on the same cosine schedule:
+
+    SGD (Nesterov momentum, lr) for the float parameters (weights, BN, CSQ scales, PACT clips)
+    and for the CSQ bit-mask logits m_B (no weight decay on the latter: decay would pull the
+    gates to 1/2). The mask moves by plain gradient steps as in the paper, so the budget term
+    and the task loss weigh against each other by their true magnitudes, and a mask logit that
+    has left the gate's transition region (|beta * m_B| >> 1) effectively stops moving.
+
+    Adam (bit_lr) for the bit logits m_p, m_n. Their gradient carries the factor 2^b (plus the
+    layer's scale and beta * sig'), so with one SGD learning rate the top bit planes flip
+    chaotically while the low ones never move; Adam's per-element normalization gives every
+    digit the same step size whatever its plane."""
+    params = list(model.named_parameters())
+    bits = [p for n, p in params if is_bit_logit(n) and not n.endswith("bit_mask_logits")]
+    masks = [p for n, p in params if n.endswith("bit_mask_logits")]
+    decay = [p for n, p in params if not is_bit_logit(n) and p.ndim > 1]
+    rest = [p for n, p in params if not is_bit_logit(n) and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest + masks, "weight_decay": 0.0}]
+    opts = {"sgd": torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)}
+    if bits:
+        opts["adam"] = torch.optim.Adam(bits, lr=cfg.bit_lr, fused=True)
+    return opts
+
+
+def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Cosine decay over the search phase, restarted for the finetune phase (its beta restarts too)."""
+    search = cfg.search() * steps_per_epoch
+    if step < search:
+        t, span = step, search
+    else:
+        t, span = step - search, cfg.finetune() * steps_per_epoch
+    return 0.5 * (1 + math.cos(math.pi * min(t / max(span, 1), 1.0)))
+
+
+# ----------------------------------------------------------------------------- the loop
 def train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
+    # Saturated CSQ gates make denormal floats (sig(-40) ~ 4e-18, squared in Adam's second
+    # moment); x86 handles those 10-100x slower. Flushing them to zero changes nothing that
+    # matters numerically and makes Adam on the bit logits ~5x faster.
+    torch.set_flush_denormal(True)
+    try:
+        return _train(cfg, out_dir, resume)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     cfg.validate()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     ckpt_path = out / "checkpoint.pt"
-    device = pick_device(cfg.device)
+    state = resume_state(ckpt_path, cfg) if resume else None
+    proc = start_process(cfg)
     spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed)
     cfg.num_classes, cfg.input_shape = spec.num_classes, spec.input_shape
 
     torch.manual_seed(cfg.seed)
-    start_epoch, history, state = 0, [], None
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        saved = TrainConfig.from_dict(state["config"])
-        if saved.to_dict() != {**cfg.to_dict(), "device": saved.device}:
-            raise TrainError(f"{ckpt_path}: --resume with a different configuration than the run's")
+    if state is not None:
         model, method, _ = restore_model(state, ckpt_path)
         start_epoch, history = state["epoch"] + 1, state["history"]
     else:
         model, method = build(cfg)
-        calib = torch.stack([spec.train[i][0] for i in range(min(len(spec.train), 2048))])
-        model.input_quant.calibrate(calib)
-    model.to(device)
+        start_epoch, history = 0, []
+        calibrate(model, spec)
+        if proc.main:
+            clear_reports(out)
+    model.to(proc.device)
+    net = model
+    if proc.world > 1:   # unused parameters: the mask logits while the mask is frozen
+        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
-    total_epochs = cfg.epochs + (cfg.finetune_epochs if cfg.method == "csq" else 0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    train_loader = torch.utils.data.DataLoader(spec.train, cfg.batch_size, shuffle=True, generator=gen, drop_last=len(spec.train) > cfg.batch_size)
+    sampler = None
+    if proc.world > 1:
+        sampler = torch.utils.data.DistributedSampler(spec.train, proc.world, proc.rank, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
+    drop_last = len(spec.train) // proc.world > cfg.batch_size
+    train_loader = torch.utils.data.DataLoader(spec.train, cfg.batch_size, shuffle=sampler is None,
+                                               sampler=sampler, generator=gen, drop_last=drop_last)
     test_loader = torch.utils.data.DataLoader(spec.test, 512)
-    # No weight decay on bit logits, scales and clips: decay would pull the gates to 1/2.
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1 and "bit_" not in n]
-    rest = [p for n, p in model.named_parameters() if not (p.ndim > 1 and "bit_" not in n)]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0}],
-                          lr=cfg.lr, momentum=0.9, nesterov=True)
-    steps = total_epochs * len(train_loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
+    steps = len(train_loader)
+    opts = make_optimizers(model, cfg)
+    scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps, cfg)) for k, o in opts.items()}
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        try:
+            for k in opts:
+                opts[k].load_state_dict(state["optimizers"][k])
+                scheds[k].load_state_dict(state["schedulers"][k])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise TrainError(f"{ckpt_path}: optimizer state does not match the model ({str(e)[:120]})") from None
+    nan_step = int(os.environ.get(NAN_AT_STEP_ENV, "-1"))
 
-    bar = tqdm(range(start_epoch, total_epochs), desc=f"{cfg.method} {cfg.model}", unit="epoch", initial=start_epoch, total=total_epochs)
+    total = cfg.epochs
+    bar = tqdm(range(start_epoch, total), desc=f"{cfg.method} {cfg.model}", unit="epoch",
+               initial=start_epoch, total=total, disable=not proc.main)
     for epoch in bar:
-        torch.manual_seed(cfg.seed * 100003 + epoch)   # augmentation/init RNG: same with or without resume
-        gen.manual_seed(cfg.seed * 100003 + epoch)      # shuffle order
-        method.on_epoch(epoch)
-        model.train()
+        # every random stream is a function of (seed, epoch): a resumed run repeats it exactly
+        torch.manual_seed(cfg.seed * 100003 + epoch * 101 + proc.rank)
+        gen.manual_seed(cfg.seed * 100003 + epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
         method.harden(False)
-        loss_sum, t0 = 0.0, time.time()
-        for step, (x, y) in enumerate(train_loader):
-            x, y = x.to(device), y.to(device)
+        loss_sum, reg_sum, t0 = 0.0, 0.0, time.time()
+        for step, (x, y) in enumerate(tqdm(train_loader, leave=False, unit="batch", disable=not proc.main)):
+            method.on_epoch(epoch + step / steps)       # per-step schedule (CSQ: beta)
+            x, y = x.to(proc.device, non_blocking=True), y.to(proc.device, non_blocking=True)
             if spec.augment is not None:
                 x = spec.augment(x)
-            loss = F.cross_entropy(model(x), y) + method.regularizer().to(device)
-            if not torch.isfinite(loss):
-                raise TrainError(f"loss is {loss.item()} at epoch {epoch} step {step}; training stopped, "
-                                 f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else
-                                 f"loss is {loss.item()} at epoch {epoch} step {step}; training stopped (no checkpoint yet)")
-            opt.zero_grad(set_to_none=True)
+            reg = method.regularizer().to(proc.device)
+            loss = F.cross_entropy(net(x), y) + reg
+            if epoch * steps + step == nan_step:
+                loss = loss * float("nan")
+            check_finite(loss, epoch, step, ckpt_path, proc)
+            for o in opts.values():
+                o.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            sched.step()
+            for k in opts:
+                opts[k].step()
+                scheds[k].step()
             loss_sum += loss.item()
+            reg_sum += float(reg)
+        if proc.main:
+            row = epoch_report(model, method, test_loader, proc.device, epoch, steps, loss_sum, reg_sum,
+                               time.time() - t0, opts["sgd"])
+            history.append(row)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.1f}", bits=f"{row['avg_precision']:.2f}")
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                         "config": cfg.to_dict(), "epoch": epoch, "history": history,
+                         "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                         "schedulers": {k: s.state_dict() for k, s in scheds.items()}}, ckpt_path)
+        if proc.world > 1:
+            dist.barrier()
+    metrics = None
+    if proc.main:
+        model.cpu()
         method.harden(True)
-        acc = evaluate(model, test_loader, device)
-        layers = method.export_bits()
-        row = {"epoch": epoch, "loss": loss_sum / len(train_loader), "accuracy": acc,
-               "beta": getattr(method, "beta", None), "avg_precision": sum(r["precision"] for r in layers) / len(layers),
-               "seconds": time.time() - t0, **{f"prec:{r['name']}": r["precision"] for r in layers}}
-        history.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{acc:.1f}", bits=f"{row['avg_precision']:.2f}")
-        atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                     "config": cfg.to_dict(), "epoch": epoch, "optimizer": opt.state_dict(),
-                     "scheduler": sched.state_dict(), "history": history}, ckpt_path)
-    model.cpu()
-    method.harden(True)
-    metrics = summarize(model, method, cfg, history, spec)
-    write_reports(out, metrics, history)
+        metrics = summarize(model, method, cfg, history, spec)
+        write_reports(out, metrics, history)
+    if proc.world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return metrics
+
+
+REPORTS = ("checkpoint.pt", "metrics.json", "history.csv", "precision.png", "bits.png")
+
+
+def clear_reports(out: Path):
+    """A fresh run into an old run directory: remove the old run's files first, so the
+    directory never mixes two runs (e.g. an old metrics.json beside a new, unfinished run)."""
+    for name in REPORTS:
+        (out / name).unlink(missing_ok=True)
+
+
+def calibrate(model, spec):
+    """Input scale and activation clips from the same first 2048 training images on every
+    process (under DDP, rank 0's copy is broadcast anyway)."""
+    n = min(len(spec.train), 2048)
+    x = torch.stack([spec.train[i][0] for i in range(n)])
+    model.input_quant.calibrate(x)
+    model.train()
+    with torch.no_grad():
+        model(x[:256])          # ActQuant initializes its clip from the first batch it sees
+
+
+def check_finite(loss, epoch, step, ckpt_path, proc):
+    bad = ~torch.isfinite(loss.detach())
+    if proc.world > 1:      # every rank must stop together, or the others hang in all-reduce
+        bad = bad.float()
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bool(bad):
+        kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        raise TrainError(f"loss is {loss.item()} at epoch {epoch} step {step}: training stopped, {kept} "
+                         "(try a smaller --lr or --bit-lr)")
+
+
+def epoch_report(model, method, test_loader, device, epoch, steps, loss_sum, reg_sum, seconds, sgd) -> dict:
+    method.harden(True)
+    pred, labels = predict(model, test_loader, device)
+    method.harden(False)
+    layers = method.export_bits()
+    params = sum(r["params"] for r in layers)
+    return {"epoch": epoch, "loss": loss_sum / steps, "regularizer": reg_sum / steps,
+            "accuracy": 100.0 * float((pred == labels).double().mean()),
+            "beta": getattr(method, "beta", None), "lr": sgd.param_groups[0]["lr"],
+            "avg_precision": sum(r["precision"] for r in layers) / len(layers),
+            "avg_precision_weighted": sum(r["params"] * r["precision"] for r in layers) / params,
+            "seconds": round(seconds, 3), **{f"prec:{r['name']}": r["precision"] for r in layers}}
+
+
+# ----------------------------------------------------------------------------- reports
+def integer_accuracy(model, cfg, spec) -> dict:
+    """Top-1 of the frozen integer program (mixq.intsim, the deployed semantics) and how often
+    its class agrees with the hardened fake-quant model's, image by image."""
+    if cfg.act_bits >= 32:
+        return {"int_accuracy": None, "int_agreement": None, "int_note": "float activations: no integer program"}
+    from mixq import graph as G
+    from mixq.freeze import freeze_model
+    from mixq.intsim import IntSim
+    x, y = datasets.test_arrays(spec)
+    model.eval()
+    with torch.no_grad():
+        fake = torch.cat([model(torch.from_numpy(x[i:i + 512])).argmax(1) for i in range(0, len(x), 512)]).numpy()
+    try:
+        sim = IntSim(freeze_model(model, cfg.model, tuple(cfg.input_shape)))
+    except ValueError as e:     # FreezeError: report it, the trained model is still valid
+        return {"int_accuracy": None, "int_agreement": None, "int_note": f"freeze failed: {e}"}
+    xq = G.quantize_input(sim.graph.input, x)
+    pred = torch.cat([sim(xq[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]).numpy()
+    return {"int_accuracy": 100.0 * float((pred == y).mean()), "int_agreement": 100.0 * float((pred == fake).mean())}
 
 
 def summarize(model, method, cfg, history, spec) -> dict:
@@ -173,11 +374,14 @@ def summarize(model, method, cfg, history, spec) -> dict:
     return {
         "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
         "target_bits": cfg.target_bits if cfg.method == "csq" else cfg.weight_bits, "act_bits": cfg.act_bits,
-        "accuracy": history[-1]["accuracy"] if history else None, "test_images": len(spec.test),
+        "accuracy": history[-1]["accuracy"] if history else None,
+        **integer_accuracy(model, cfg, spec), "test_images": len(spec.test),
         "avg_bits": sum(r["precision"] for r in layers) / len(layers),
         "avg_bits_weighted": sum(r["params"] * r["precision"] for r in layers) / params,
         "storage_bits": storage, "compression": 32.0 / storage, "params": params,
-        "epochs": len(history), "layers": layers,
+        "epochs": len(history), "train_seconds": round(sum(h["seconds"] for h in history), 2),
+        "processes": dist.get_world_size() if dist.is_initialized() else 1,
+        "layers": layers,
     }
 
 
@@ -199,22 +403,33 @@ def plot(out: Path, metrics: dict, history: list):
     import matplotlib.pyplot as plt
     names = [r["name"] for r in metrics["layers"]]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    epochs = [h["epoch"] for h in history]
+    epochs = [h["epoch"] + 1 for h in history]
     for n in names:
-        ax.plot(epochs, [h[f"prec:{n}"] for h in history], lw=1, alpha=0.6)
+        ax.plot(epochs, [h[f"prec:{n}"] for h in history], lw=1, alpha=0.6, label=n if len(names) <= 12 else None)
     ax.plot(epochs, [h["avg_precision"] for h in history], "k", lw=2.5, label="average")
-    ax.set(xlabel="epoch", ylabel="precision (kept bits)", title=f"{metrics['method']} {metrics['model']}: per-layer precision")
-    ax.legend()
+    if metrics["method"] == "csq":
+        ax.axhline(metrics["target_bits"], color="r", ls="--", lw=1, label="target")
+    ax.set(xlabel="epoch", ylabel="precision (kept bits)", ylim=(-0.2, 8.5),
+           title=f"{metrics['method']} {metrics['model']}: per-layer precision")
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(out / "precision.png", dpi=110)
-    plt.close(fig)
+    save_png(fig, out / "precision.png")
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
     x = range(len(names))
     ax.bar(x, [r["storage_bits"] for r in metrics["layers"]], color="#cbd5e8", label="storage bits (span + sign)")
     ax.bar(x, [r["precision"] for r in metrics["layers"]], color="#386cb0", label="precision (kept bits)")
     ax.set_xticks(list(x), names, rotation=70, fontsize=7)
-    ax.set(ylabel="bits", title=f"final bit-widths: avg {metrics['avg_bits']:.2f}, acc {metrics['accuracy']:.2f}%")
+    acc = metrics["accuracy"]
+    ax.set(ylabel="bits", title=f"final bit-widths: avg {metrics['avg_bits']:.2f}, acc "
+           + (f"{acc:.2f}%" if acc is not None else "n/a"))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "bits.png", dpi=110)
+    save_png(fig, out / "bits.png")
+
+
+def save_png(fig, path: Path):
+    import matplotlib.pyplot as plt
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)

@@ -54,51 +54,107 @@ class Method:
         return {}
 
 
+def initial_bits(target: float, params: list) -> list:
+    """Bits each layer starts with so that their unweighted mean is the target (to the nearest
+    whole bit in total): floor(target) everywhere, one more for the smallest layers."""
+    n = len(params)
+    total = min(max(round(target * n), 0), 8 * n)
+    base = total // n
+    extra = set(sorted(range(n), key=lambda i: (params[i], i))[:total - base * n])
+    return [base + (i in extra) for i in range(n)]
+
+
+@torch.no_grad()
+def keep_min_bits(layer, k: int):
+    """Guard, not part of the paper's formula: a layer keeps at least k bits. A BN-followed
+    layer's last bit is a pure scale factor, invisible to the task loss while its gate is
+    soft, so the budget term can switch it off for free; the hardened layer is then all
+    zeros and a plain CNN is dead. If fewer than k mask logits are >= 0, the largest negative
+    ones are lifted to 0 (kept, the nearest feasible point). k = 0 disables the guard."""
+    logits = layer.bit_mask_logits
+    missing = k - int((logits >= 0).sum())
+    if missing > 0:
+        order = torch.argsort(torch.where(logits >= 0, -float("inf"), logits), descending=True)
+        logits[order[:missing]] = 0.0
+
+
 class CSQ(Method):
     """CSQ (Xiao et al., DAC 2023): bi-level continuous sparsification of weight bits.
 
-    beta follows beta_max^(t/T) over the search epochs, t counted per epoch, so the last
-    search epoch trains at beta_max; the finetune phase freezes the bit mask, rewinds beta
-    to 1 and anneals it again. The budget term is
-        lambda * (avg_precision - target) * sum_layers sum_b sig(beta * m_B[b])
-    with avg_precision the mean over layers of the hard count of kept mask bits, so a model
-    below budget is pushed to grow precision back."""
+    Weight: quant.CSQMixin, W = s/(2^n-1) sum_b (sig(beta m_p[b]) - sig(beta m_n[b])) 2^b sig(beta m_B[b]).
+
+    Budget: lambda * (avg_precision - target) * sum_layers sum_b sig(beta * m_B[b]), with
+    avg_precision the unweighted mean over layers of the hard count of kept bits
+    (m_B[b] >= 0), so a model below budget is pushed to grow precision back.
+
+    Temperature: beta = beta_max^(t/T), t the (fractional) epoch of the search phase, T its
+    length. The loop calls on_epoch(epoch + step/steps) before every step, so beta grows
+    smoothly per step instead of jumping 30% per epoch (on a small data set with few epochs a
+    jump visibly shakes the gates); sampled at whole epochs it is the paper's curve. beta
+    starts at beta0 = 1 and reaches beta_max at the end of the search; the finetune phase
+    freezes the bit mask (exact unit steps), rewinds beta to 1 and anneals it again.
+
+    Initialization (the choice that decides whether a weak budget term meets the budget):
+    every layer starts *at* the budget, with initial_bits(target) bits per layer whose mean is
+    the target. The layer's bit logits hold its float weight rounded to that many bits (best
+    clip) in the top bit planes plus the rounding remainder in the low planes; m_B = +mask_init
+    on the kept planes, -mask_init below. The relaxed weight at beta = 1 approximates the float
+    weight (the dropped planes are half on), the hard weight is its best k-bit rounding, and
+    the budget term only has to arbitrate bits moving between layers. Starting from all 8 bits
+    (m_B = +c everywhere, or the paper code's 0) instead, every mask logit crosses zero at once
+    when the budget term first bites; on digits that overshoots to ~1 bit and the run
+    does not recover in a few dozen epochs.
+
+    Guard (min_layer_bits, default 1; 0 turns it off): see keep_min_bits."""
     name = "csq"
 
     def __init__(self, act_bits: int, target_bits: float, epochs: int, finetune_epochs: int = 0,
                  lam: float = 0.01, beta_max: float = 200.0, init_logit: float = 2.0,
-                 mask_init: float = 0.5):
+                 mask_init: float = 0.2, min_layer_bits: int = 1):
         super().__init__(act_bits)
+        self.min_layer_bits = min_layer_bits
         self.target, self.epochs, self.finetune_epochs = target_bits, epochs, finetune_epochs
         self.lam, self.beta_max = lam, beta_max
         self.init_logit, self.mask_init = init_logit, mask_init
-        self.beta = 1.0
+        self.beta, self.mask_frozen = 1.0, False
+
+    def prepare(self, model):
+        # swap_layers converts Conv2d/Linear in named_modules order: the same order as here
+        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        self._init_bits = iter(initial_bits(self.target, [m.weight.numel() for m in layers]))
+        return super().prepare(model)
 
     def convert(self, m):
         cls = quant.CSQConv2d if isinstance(m, torch.nn.Conv2d) else quant.CSQLinear
-        return cls.from_float(m, self.init_logit, self.mask_init)
+        return cls.from_float(m, self.init_logit, self.mask_init, next(self._init_bits))
 
     def layers(self):
         return [m for _, m in quant.quant_layers(self.model)]
 
-    def on_epoch(self, epoch: int):
+    def on_epoch(self, epoch: float):
         finetune = epoch >= self.epochs
-        span, t = (self.finetune_epochs, epoch - self.epochs) if finetune else (self.epochs, epoch)
-        self.beta = float(self.beta_max ** (t / max(span - 1, 1)))
+        t, span = (epoch - self.epochs, self.finetune_epochs) if finetune else (epoch, self.epochs)
+        self.beta = float(self.beta_max ** min(t / max(span, 1), 1.0))
+        self.mask_frozen = finetune
         for layer in self.layers():
             layer.beta.fill_(self.beta)
             layer.mask_frozen.fill_(finetune)
+            if not finetune:
+                keep_min_bits(layer, self.min_layer_bits)
+
+    def precision_counts(self) -> torch.Tensor:
+        """Kept bits per layer (hard count), as a tensor: no host sync in the training step."""
+        return torch.stack([layer.kept_mask().sum() for layer in self.layers()])
 
     def avg_precision(self) -> float:
-        layers = self.layers()
-        return sum(layer.bit_info().precision for layer in layers) / len(layers)
+        return float(self.precision_counts().float().mean())
 
     def regularizer(self):
         layers = self.layers()
-        if bool(layers[0].mask_frozen):
+        if self.mask_frozen:
             return torch.zeros((), device=layers[0].scale.device)
-        delta = self.avg_precision() - self.target
-        return self.lam * delta * sum(layer.mask_penalty() for layer in layers)
+        delta = self.precision_counts().float().mean() - self.target
+        return self.lam * delta * torch.stack([layer.mask_penalty() for layer in layers]).sum()
 
     def harden(self, hard: bool = True):
         for layer in self.layers():

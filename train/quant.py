@@ -6,6 +6,7 @@ layer's bit-width is computed. Freeze reads only those two.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 N_BITS = 8
-_TWO_POW = 2.0 ** torch.arange(N_BITS, dtype=torch.float32)
 
 
 @dataclass
@@ -51,11 +51,52 @@ class InputQuant(nn.Module):
         return torch.clamp(torch.round(x / self.scale), -qmax, qmax) * self.scale
 
 
+class _PACTQuant(torch.autograd.Function):
+    """PACT (Choi et al. 2018): out = round(clip(x, 0, a) / s) * s, s = a / levels, with PACT's
+    straight-through gradients: dx = 1 inside (0, a), 0 outside; da = 1 where x > a.
+
+    One function instead of autograd's chain of ops (relu, min, div, round, STE add, mul): it
+    keeps only x for the backward pass, and both passes use torch's fused elementwise kernels
+    (hardtanh_backward is exactly "grad inside (0, a)"), so quantized activations cost about
+    one extra pass over the tensor instead of a dozen."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, levels: int):
+        scale = alpha / levels
+        if x.device.type == "cpu":
+            out = torch.clamp(x, 0.0, float(alpha))     # scalar bounds: the fast kernel on CPU
+        else:
+            out = torch.minimum(F.relu(x), alpha)
+        out.div_(scale).round_().mul_(scale)
+        ctx.save_for_backward(x, alpha)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, alpha = ctx.saved_tensors
+        if x.device.type == "cpu":
+            a = float(alpha)
+            grad_x = torch.ops.aten.hardtanh_backward(grad, x, 0.0, a)
+            grad_alpha = torch.ops.aten.threshold_backward(grad, x, a).sum()
+        else:
+            grad_x = grad * ((x > 0) & (x < alpha))
+            grad_alpha = (grad * (x > alpha)).sum()
+        return grad_x, grad_alpha.reshape(alpha.shape), None
+
+
+def pact_reference(x, alpha, levels: int):
+    """PACT written with autograd ops (the clip as PACT's 0.5 (|x| - |x - a| + a), the rounding
+    straight-through): what _PACTQuant is tested against."""
+    y = 0.5 * (x.abs() - (x - alpha).abs() + alpha)
+    scale = (alpha / levels).detach()
+    return round_ste(y / scale) * scale
+
+
 class ActQuant(nn.Module):
     """ReLU + uniform unsigned quantization with a learnable clip (PACT). bits=32: plain ReLU.
 
-    The clip alpha is initialized from the first batch it sees (99.9th percentile), so the
-    same default works after BN-normalized convs and after pooling."""
+    The clip alpha is initialized from the first batch it sees in training mode (99.9th
+    percentile), so the same default works after BN-normalized convs and after pooling."""
 
     def __init__(self, bits: int = 8):
         super().__init__()
@@ -79,88 +120,205 @@ class ActQuant(nn.Module):
                 q = torch.quantile(v[torch.randperm(v.numel(), device=v.device)[:100000]].float(), 0.999)
                 self.alpha.fill_(max(float(q), 1e-3))
                 self.initialized.fill_(True)
-        alpha = self.alpha.abs() + 1e-8
-        y = torch.minimum(F.relu(x), alpha)          # PACT clip: d/d alpha = 1 above the clip
-        scale = alpha / self.levels
-        return round_ste(y / scale) * scale
+        return _PACTQuant.apply(x, self.alpha.abs() + 1e-8, self.levels)
 
     def extra_repr(self):
         return f"bits={self.bits}"
 
 
 # ----------------------------------------------------------------------------- CSQ weights
+_BIT_VALUES = {}
+
+
+def _bit_values(like: torch.Tensor) -> torch.Tensor:
+    """[1, 2, 4, ..., 128] on like's device and dtype (cached: it is needed every step)."""
+    key = (like.device, like.dtype)
+    if key not in _BIT_VALUES:
+        _BIT_VALUES[key] = (2.0 ** torch.arange(N_BITS, dtype=torch.float64)).to(like.device, like.dtype)
+    return _BIT_VALUES[key]
+
+
+def _planes(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-bit [8] vector shaped to broadcast against [8, *weight.shape]."""
+    return v.view(-1, *[1] * ndim)
+
+
+def _signed_digits(v: torch.Tensor) -> torch.Tensor:
+    """Binary digits of a non-negative or non-positive integer tensor, [8, *shape], sign kept."""
+    mag = v.abs()
+    bits = (mag.unsqueeze(0) >> _planes(torch.arange(N_BITS, device=v.device), v.ndim)) & 1
+    return bits.float() * torch.sign(v).unsqueeze(0).float()
+
+
+def best_clip(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The clip c minimizing ||w - Q(w)||^2 for Q: round |w|/c to `bits` magnitude bits,
+    saturating at c (sign kept). A coarse grid over fractions of max|w| is plenty."""
+    wmax = w.abs().max().clamp_min(1e-8)
+    if bits >= N_BITS:
+        return wmax
+    if bits <= 0:
+        return wmax
+    levels = 2 ** bits - 1
+    best, best_err = wmax, None
+    for frac in torch.linspace(0.05, 1.0, 40):
+        c = wmax * frac
+        q = torch.clamp(torch.round(w.abs() / c * levels), max=levels) * c / levels
+        err = ((w.abs() - q) ** 2).sum()
+        if best_err is None or err < best_err:
+            best, best_err = c, err
+    return best
+
+
+class _CSQWeight(torch.autograd.Function):
+    """The relaxed CSQ weight and its exact gradient.
+
+        W = s/(2^n-1) * sum_b (sig(beta*m_p[b]) - sig(beta*m_n[b])) * 2^b * sig(beta*m_B[b])
+
+    Mathematically the same as letting autograd differentiate the formula (tests/test_csq.py
+    checks it against that), but the two [8, *weight.shape] sigmoids are computed once per step
+    and are the only [8, ...] tensors kept for the backward pass (autograd would also keep
+    their difference): a CSQ step stays close to a float step in time and memory."""
+
+    @staticmethod
+    def forward(ctx, pos_logits, neg_logits, mask_logits, scale, beta):
+        pos = torch.sigmoid(beta * pos_logits)
+        neg = torch.sigmoid(beta * neg_logits)
+        gate = torch.sigmoid(beta * mask_logits)
+        ctx.save_for_backward(pos, neg, gate, scale, beta)
+        plane_weight = scale / (2 ** N_BITS - 1) * _bit_values(gate) * gate      # [8]
+        return torch.tensordot(plane_weight, pos, dims=1) - torch.tensordot(plane_weight, neg, dims=1)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        pos, neg, gate, scale, beta = ctx.saved_tensors
+        need_pos, need_neg, need_mask, need_scale, _ = ctx.needs_input_grad
+        unit = scale / (2 ** N_BITS - 1) * _bit_values(gate)                    # s/(2^n-1) * 2^b
+        grad_digits = grad_w.unsqueeze(0) * _planes(unit * gate * beta, grad_w.ndim)
+        sigmoid_backward = torch.ops.aten.sigmoid_backward                     # grad * sig * (1 - sig)
+        grad_pos = sigmoid_backward(grad_digits, pos) if need_pos else None
+        grad_neg = sigmoid_backward(grad_digits, neg).neg_() if need_neg else None
+        grad_mask = grad_scale = None
+        if need_mask or need_scale:
+            flat = grad_w.reshape(-1)
+            grad_plane = pos.reshape(N_BITS, -1) @ flat - neg.reshape(N_BITS, -1) @ flat   # dL/d(plane b's weight)
+            grad_mask = grad_plane * unit * beta * gate * (1 - gate)
+            grad_scale = ((grad_plane * _bit_values(gate) * gate).sum() / (2 ** N_BITS - 1)).reshape(scale.shape)
+        return grad_pos, grad_neg, grad_mask, grad_scale, None
+
+
+def csq_formula(pos_logits, neg_logits, mask_logits, scale, beta):
+    """The CSQ weight written out plainly, differentiated by autograd: the reference the fused
+    _CSQWeight is tested against."""
+    bits = torch.sigmoid(beta * pos_logits) - torch.sigmoid(beta * neg_logits)
+    coef = _bit_values(bits) * torch.sigmoid(beta * mask_logits)
+    return scale / (2 ** N_BITS - 1) * torch.tensordot(coef, bits, dims=1)
+
+
 class CSQMixin:
     """Bi-level continuous sparsification of the weight's bit representation (CSQ, DAC'23).
 
     W = s/(2^n-1) * sum_b (sig(beta*m_p[b]) - sig(beta*m_n[b])) * 2^b * sig(beta*m_B[b])
     No rounding and no straight-through estimator: the gates become exact unit steps as
-    beta -> inf, and `hard` evaluates that limit."""
+    beta -> inf, and `hard` evaluates that limit (and so does a frozen mask for its gates)."""
 
-    def _init_csq(self, init_logit: float, mask_init: float):
-        w = self.weight.detach()
+    def _init_csq(self, init_logit: float, mask_init: float, init_bits: int | None = None):
+        """Bit logits, mask logits and scale from the float weight w.
+
+        Each element's magnitude is written with 8 bits, v = round(min(|w| / clip, 1) * 255),
+        as digits d_b in {-1, 0, 1} (sign of w folded in): set digits get logit +init_logit in
+        the plane of their sign, every other logit is -init_logit, so at any beta an unset
+        digit contributes sig(-c) - sig(-c) = 0 exactly.
+
+        init_bits=None: all 8 bits kept (m_B = +mask_init), clip = max|w|: the relaxed weight
+        is the 8-bit rounding of w.
+        init_bits=k < 8: the layer starts at a k-bit budget. The top k bits hold w rounded to
+        k bits with the clip that minimizes the k-bit rounding error; the low 8-k bits hold the
+        signed remainder. m_B = +mask_init on the top k bits, -mask_init below, so the hard
+        weight is the best k-bit rounding of w and the relaxed weight (low bits half-gated)
+        still approximates w itself.
+
+        The scale s is the least-squares fit of the relaxed weight at beta = 1 to w: the model
+        starts where the float model is."""
+        w = self.weight.detach().float()
         shape = w.shape
         del self.weight                                   # the weight is derived, not stored
-        smax = w.abs().max().clamp_min(1e-8)
-        q = torch.round(w.abs() / smax * (2 ** N_BITS - 1)).to(torch.int64)
-        bits = ((q.unsqueeze(0) >> torch.arange(N_BITS).view(-1, *[1] * len(shape))) & 1).bool()
-        pos = bits & (w > 0).unsqueeze(0)
-        neg = bits & (w < 0).unsqueeze(0)
-        c = init_logit
-        self.bit_logits_pos = nn.Parameter(torch.where(pos, c, -c).float())
-        self.bit_logits_neg = nn.Parameter(torch.where(neg, c, -c).float())
-        self.bit_mask_logits = nn.Parameter(torch.full((N_BITS,), float(mask_init)))
-        # At beta=1 a kept bit contributes (sig(c) - sig(-c)) * sig(mask_init), not 1: scale s
-        # up by that factor so the relaxed weight starts equal to the float weight.
-        relax = (torch.sigmoid(torch.tensor(c)) - torch.sigmoid(torch.tensor(-c))) * torch.sigmoid(torch.tensor(mask_init))
-        self.scale = nn.Parameter((smax / relax).reshape(()))
-        self.register_buffer("beta", torch.tensor(1.0))
-        self.register_buffer("mask_frozen", torch.tensor(False))
+        k = N_BITS if init_bits is None else int(min(max(init_bits, 0), N_BITS))
+        low = N_BITS - k
+        clip = best_clip(w, k)
+        v = torch.round(torch.clamp(w.abs() / clip, max=1.0) * (2 ** N_BITS - 1))
+        top = torch.clamp(torch.round(v / 2 ** low), max=2 ** k - 1) * 2 ** low
+        digits = _signed_digits(top.long()) + _signed_digits((v - top).long())   # [8, *shape] in {-1,0,1}
+        digits = digits * torch.sign(w).unsqueeze(0)
+        c = float(init_logit)
+        self.bit_logits_pos = nn.Parameter(torch.where(digits > 0, c, -c).float())
+        self.bit_logits_neg = nn.Parameter(torch.where(digits < 0, c, -c).float())
+        mask = torch.where(torch.arange(N_BITS, device=w.device) >= low, 1.0, -1.0) * float(mask_init)
+        self.bit_mask_logits = nn.Parameter(mask)
+        with torch.no_grad():
+            relaxed = csq_formula(self.bit_logits_pos, self.bit_logits_neg, mask, torch.tensor(1.0), torch.tensor(1.0))
+            fit = (relaxed * w).sum() / (relaxed * relaxed).sum().clamp_min(1e-30)
+        self.scale = nn.Parameter(fit.clamp_min(1e-8).reshape(()).float())
+        self.register_buffer("beta", torch.tensor(1.0, device=w.device))
+        self.register_buffer("mask_frozen", torch.tensor(False, device=w.device))
         self.hard = False
 
-    def mask_gates(self):
-        if self.hard or bool(self.mask_frozen):
-            return (self.bit_mask_logits >= 0).float()
-        return torch.sigmoid(self.beta * self.bit_mask_logits)
+    def kept_mask(self) -> torch.Tensor:
+        """[8] bool: the bit positions the layer keeps, m_B[b] >= 0 (the paper's hard count)."""
+        return self.bit_mask_logits.detach() >= 0
 
     def csq_weight(self):
         if self.hard:
-            bits = (self.bit_logits_pos >= 0).float() - (self.bit_logits_neg >= 0).float()
-        else:
-            bits = torch.sigmoid(self.beta * self.bit_logits_pos) - torch.sigmoid(self.beta * self.bit_logits_neg)
-        coef = _TWO_POW.to(bits.device) * self.mask_gates()
-        return self.scale / (2 ** N_BITS - 1) * torch.tensordot(coef, bits, dims=1)
+            return self.hard_weight()
+        if bool(self.mask_frozen):
+            # finetune: the mask is a fixed unit step, the bit logits keep their sigmoids
+            frozen = torch.where(self.kept_mask(), 1e4, -1e4)      # sig(beta * +-1e4) == 1 / 0 exactly
+            return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, frozen, self.scale, self.beta)
+        return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, self.bit_mask_logits, self.scale, self.beta)
+
+    def hard_weight(self) -> torch.Tensor:
+        """beta -> inf: every gate a unit step. Equals scale * q of integer_weight() exactly."""
+        q, step = self._hard_integers()
+        return step * q.to(step.dtype)
+
+    def _hard_integers(self):
+        digits = (self.bit_logits_pos.detach() >= 0).long() - (self.bit_logits_neg.detach() >= 0).long()
+        coef = torch.where(self.kept_mask(), 2 ** torch.arange(N_BITS, device=digits.device), 0)
+        return torch.tensordot(coef, digits, dims=1), (self.scale.detach() / (2 ** N_BITS - 1))
 
     def mask_penalty(self):
         """sum_b sig(beta * m_B[b]): the layer's term of the CSQ budget regularizer."""
         return torch.sigmoid(self.beta * self.bit_mask_logits).sum()
 
     def kept_bits(self) -> list:
-        return [b for b in range(N_BITS) if float(self.bit_mask_logits[b].detach()) >= 0]
+        return [b for b, k in enumerate(self.kept_mask().tolist()) if k]
 
     def bit_info(self) -> BitInfo:
         return BitInfo.from_kept(self.kept_bits())
 
     @torch.no_grad()
     def integer_weight(self):
-        """Hardened weight as exact integers: W = scale * q, with 2^lowest kept bit folded in."""
-        bits = (self.bit_logits_pos >= 0).long() - (self.bit_logits_neg >= 0).long()
+        """Hardened weight as exact integers: W_hard = scale * q, with 2^lowest kept bit folded
+        into the scale (the float32 scale times an 8-bit integer is exact in float64)."""
+        q, step = self._hard_integers()
         kept = self.kept_bits()
-        coef = torch.tensor([(1 << b) if b in kept else 0 for b in range(N_BITS)], device=bits.device)
-        q = torch.tensordot(coef, bits, dims=1)
         low = kept[0] if kept else 0
-        return (q >> low).cpu(), float(self.scale) / (2 ** N_BITS - 1) * 2 ** low
+        scale = float(step) * 2 ** low
+        q = q >> low
+        if scale < 0:                                     # s is trainable; keep the scale positive
+            q, scale = -q, -scale
+        return q.cpu(), scale
 
 
 class CSQConv2d(CSQMixin, nn.Conv2d):
     @classmethod
-    def from_float(cls, m: nn.Conv2d, init_logit: float, mask_init: float):
+    def from_float(cls, m: nn.Conv2d, init_logit: float, mask_init: float, init_bits: int | None = None):
         q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
                 m.groups, m.bias is not None, device=m.weight.device)
         with torch.no_grad():
             q.weight.copy_(m.weight)
             if m.bias is not None:
                 q.bias.copy_(m.bias)
-        q._init_csq(init_logit, mask_init)
+        q._init_csq(init_logit, mask_init, init_bits)
         return q
 
     def forward(self, x):
@@ -169,13 +327,13 @@ class CSQConv2d(CSQMixin, nn.Conv2d):
 
 class CSQLinear(CSQMixin, nn.Linear):
     @classmethod
-    def from_float(cls, m: nn.Linear, init_logit: float, mask_init: float):
+    def from_float(cls, m: nn.Linear, init_logit: float, mask_init: float, init_bits: int | None = None):
         q = cls(m.in_features, m.out_features, m.bias is not None, device=m.weight.device)
         with torch.no_grad():
             q.weight.copy_(m.weight)
             if m.bias is not None:
                 q.bias.copy_(m.bias)
-        q._init_csq(init_logit, mask_init)
+        q._init_csq(init_logit, mask_init, init_bits)
         return q
 
     def forward(self, x):

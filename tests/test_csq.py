@@ -1,0 +1,307 @@
+"""CSQ gates and formula, hardening, initialization, budget regularizer, beta schedule,
+the activation quantizer and the STE baseline: unit tests, no training."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from mixq.train import quant
+from mixq.train.methods import CSQ, STEUniform, initial_bits
+
+N = quant.N_BITS
+
+
+def logits(shape, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(8, *shape, generator=g, dtype=dtype, requires_grad=True) for _ in range(2)]
+
+
+def by_hand(pos, neg, mask, s, beta):
+    """The paper's formula, one bit plane at a time."""
+    w = 0
+    for b in range(N):
+        digit = torch.sigmoid(beta * pos[b]) - torch.sigmoid(beta * neg[b])
+        w = w + digit * 2 ** b * torch.sigmoid(beta * mask[b])
+    return s / (2 ** N - 1) * w
+
+
+def csq_conv(seed=0, cin=3, cout=4, k=3, **kw):
+    torch.manual_seed(seed)
+    return quant.CSQConv2d.from_float(nn.Conv2d(cin, cout, k), kw.get("init_logit", 2.0), kw.get("mask_init", 0.5),
+                                      kw.get("init_bits"))
+
+
+def set_mask(layer, kept):
+    with torch.no_grad():
+        layer.bit_mask_logits.copy_(torch.tensor([0.7 if b in kept else -0.7 for b in range(N)]))
+
+
+# ----------------------------------------------------------------------------- the weight formula
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (5, 7)])
+def test_fused_weight_equals_the_formula_and_its_autograd_gradient(shape):
+    pos, neg = logits(shape)
+    mask = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
+    beta = torch.tensor(2.5, dtype=torch.float64)
+    fused = quant._CSQWeight.apply(pos, neg, mask, s, beta)
+    ref = by_hand(pos, neg, mask, s, beta)
+    assert torch.allclose(fused, ref, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(quant.csq_formula(pos, neg, mask, s, beta), ref, rtol=1e-12, atol=1e-15)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(fused, (pos, neg, mask, s), g), torch.autograd.grad(ref, (pos, neg, mask, s), g)):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
+    assert torch.autograd.gradcheck(lambda *a: quant._CSQWeight.apply(*a, beta), (pos, neg, mask, s))
+
+
+def test_no_rounding_in_the_weight_path():
+    """The relaxed weight is smooth in every logit: a tiny logit change moves it a tiny,
+    non-zero amount (a rounding/STE path would be piecewise constant)."""
+    layer = csq_conv()
+    w0 = layer.csq_weight().detach().clone()
+    with torch.no_grad():
+        layer.bit_logits_pos[3] += 1e-3
+    dw = (layer.csq_weight().detach() - w0).abs()
+    assert 0 < dw.max() < 1e-2
+
+
+def test_gates_become_unit_steps_as_beta_grows():
+    layer = csq_conv(init_bits=4)
+    set_mask(layer, {1, 4, 6})
+    with torch.no_grad():                      # keep every logit away from 0, as after training
+        for p in (layer.bit_logits_pos, layer.bit_logits_neg):
+            p.copy_(torch.where(p >= 0, p.clamp_min(0.05), p.clamp_max(-0.05)))
+    hard = layer.hard_weight()
+    errs = []
+    for beta in (1.0, 10.0, 200.0, 1e4):
+        layer.beta.fill_(beta)
+        errs.append(float((layer.csq_weight().detach() - hard).abs().max()))
+    assert errs == sorted(errs, reverse=True) and errs[0] > 1e-2 and errs[-1] < 1e-6
+
+
+# ----------------------------------------------------------------------------- hardening
+@pytest.mark.parametrize("kept", [{7, 6, 5}, {7, 3}, {0, 1, 2, 3, 4, 5, 6, 7}, {2}, {1, 4, 6}])
+def test_hardening_gives_integers_times_the_scale_exactly(kept):
+    layer = csq_conv(seed=len(kept), init_bits=8)
+    with torch.no_grad():                      # random digits, including both planes set (digit 0)
+        layer.bit_logits_pos.copy_(torch.randn_like(layer.bit_logits_pos))
+        layer.bit_logits_neg.copy_(torch.randn_like(layer.bit_logits_neg))
+    set_mask(layer, kept)
+    q, scale = layer.integer_weight()
+    info = layer.bit_info()
+    assert q.dtype == torch.int64 and info.kept == sorted(kept) and info.precision == len(kept)
+    assert info.storage_bits == max(kept) - min(kept) + 2
+    assert int(q.abs().max()) <= 2 ** (info.storage_bits - 1) - 1
+    layer.hard = True
+    w = layer.csq_weight().detach()
+    assert torch.equal(w, (scale * q.double()).float())          # exact: float32 scale * small int
+    assert torch.equal(w, layer.hard_weight())
+    # the integers are the kept digits, shifted by the lowest kept bit
+    digits = (layer.bit_logits_pos >= 0).long() - (layer.bit_logits_neg >= 0).long()
+    expect = sum(digits[b] * 2 ** (b - min(kept)) for b in kept)
+    assert torch.equal(q, expect)
+
+
+def test_negative_scale_is_reported_positive():
+    layer = csq_conv()
+    with torch.no_grad():
+        layer.scale.neg_()
+    q, scale = layer.integer_weight()
+    assert scale > 0
+    assert torch.equal(layer.hard_weight(), (scale * q.double()).float())
+
+
+def test_frozen_mask_is_an_exact_step_and_gets_no_gradient():
+    layer = csq_conv()
+    set_mask(layer, {5, 6, 7})
+    layer.mask_frozen.fill_(True)
+    layer.beta.fill_(1.0)
+    w = layer.csq_weight()
+    pos, neg = layer.bit_logits_pos, layer.bit_logits_neg
+    kept = torch.tensor([b in {5, 6, 7} for b in range(N)], dtype=torch.float32)
+    expect = layer.scale / 255 * torch.tensordot(2.0 ** torch.arange(N) * kept, torch.sigmoid(pos) - torch.sigmoid(neg), dims=1)
+    assert torch.allclose(w, expect, rtol=1e-6, atol=1e-7)
+    w.sum().backward()
+    assert layer.bit_mask_logits.grad is None and layer.bit_logits_pos.grad is not None
+
+
+# ----------------------------------------------------------------------------- initialization
+@pytest.mark.parametrize("cls, make", [(quant.CSQConv2d, lambda: nn.Conv2d(16, 32, 3)), (quant.CSQLinear, lambda: nn.Linear(64, 10))])
+def test_init_from_float_weights_starts_where_the_float_model_is(cls, make):
+    torch.manual_seed(0)
+    m = make()
+    w = m.weight.detach().clone()
+    full = cls.from_float(_copy(m), 2.0, 0.5)                 # all 8 bits: the relaxed weight is w to 8 bits
+    assert full.kept_bits() == list(range(N))
+    assert float((full.csq_weight().detach() - w).norm() / w.norm()) < 0.01
+    for k in (2, 3, 4):
+        layer = cls.from_float(_copy(m), 2.0, 0.5, k)
+        assert layer.kept_bits() == list(range(N - k, N))
+        relaxed_err = float((layer.csq_weight().detach() - w).norm() / w.norm())
+        assert relaxed_err < 0.12, (k, relaxed_err)
+        # the hard weight is a k-bit rounding of w: k magnitude bits, close in direction
+        q, _ = layer.integer_weight()
+        assert int(q.abs().max()) <= 2 ** k - 1
+        hard = layer.hard_weight()
+        cos = float((hard * w).sum() / hard.norm() / w.norm())
+        assert cos > {2: 0.95, 3: 0.99, 4: 0.997}[k], (k, cos)
+    # the bit logits are +-init_logit: an unset digit has both planes at -c (contributes 0)
+    assert set(full.bit_logits_pos.unique().tolist()) <= {-2.0, 2.0}
+    both = (full.bit_logits_pos > 0) & (full.bit_logits_neg > 0)
+    assert not both.any()
+
+
+def _copy(m):
+    c = type(m)(*([m.in_channels, m.out_channels, m.kernel_size] if isinstance(m, nn.Conv2d) else [m.in_features, m.out_features]))
+    c.load_state_dict(m.state_dict())
+    return c
+
+
+def test_initial_bits_average_to_the_target():
+    params = [100, 5000, 20000, 400, 30]
+    for target in (1, 2, 2.4, 3, 3.6, 4, 8):
+        bits = initial_bits(target, params)
+        assert abs(sum(bits) / len(bits) - target) <= 0.5 / len(bits) + 1e-9
+        assert all(0 <= b <= 8 for b in bits)
+    assert initial_bits(2.4, params) == [3, 2, 2, 2, 3]       # the extra bits go to the smallest layers
+    assert initial_bits(3.6, params) == [4, 3, 3, 4, 4]
+
+
+# ----------------------------------------------------------------------------- the method
+class TwoLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(4 * 6 * 6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.relu(self.conv(x)), 1))
+
+
+def prepared(target=3.0, epochs=10, finetune=4):
+    torch.manual_seed(0)
+    method = CSQ(8, target, epochs, finetune, lam=0.01, beta_max=200.0)
+    return method.prepare(TwoLayer()), method
+
+
+def test_prepare_swaps_layers_and_starts_at_the_budget():
+    model, method = prepared(target=3.0)
+    assert isinstance(model.conv, quant.CSQConv2d) and isinstance(model.fc, quant.CSQLinear)
+    assert isinstance(model.relu, quant.ActQuant)
+    assert method.avg_precision() == 3.0
+    assert [r["precision"] for r in method.export_bits()] == [3, 3]
+
+
+def test_regularizer_is_the_papers_budget_term_and_can_be_negative():
+    model, method = prepared(target=3.0)
+    method.on_epoch(2.5)
+    set_mask(model.conv, {7, 6, 5, 4, 3})          # 5 bits
+    set_mask(model.fc, {7})                        # 1 bit: average 3 = target
+    assert float(method.regularizer()) == 0.0
+    set_mask(model.fc, {7, 6, 5})                  # average 4: one bit over budget
+    beta = method.beta
+    gates = sum(torch.sigmoid(beta * l.bit_mask_logits).sum() for l in (model.conv, model.fc))
+    reg = method.regularizer()
+    assert math.isclose(float(reg), 0.01 * (4 - 3) * float(gates), rel_tol=1e-6)
+    reg.backward()
+    assert (model.fc.bit_mask_logits.grad > 0).all()           # descent lowers every mask logit
+    for l in (model.conv, model.fc):
+        l.bit_mask_logits.grad = None
+    set_mask(model.conv, {7})
+    set_mask(model.fc, {7})                        # average 1: below budget
+    reg = method.regularizer()
+    assert float(reg) < 0
+    reg.backward()
+    assert (model.conv.bit_mask_logits.grad < 0).all()         # descent grows precision back
+
+
+def test_beta_anneals_exponentially_then_rewinds_for_finetune():
+    model, method = prepared(epochs=10, finetune=4)
+    betas = {}
+    for t in (0, 2.5, 5, 9.99, 10, 12, 13.999):
+        method.on_epoch(t)
+        betas[t] = method.beta
+        assert float(model.conv.beta) == pytest.approx(method.beta)
+        assert bool(model.conv.mask_frozen) == (t >= 10)
+    assert betas[0] == 1.0 and betas[10] == 1.0                                  # beta0 = 1, rewound
+    assert betas[5] == pytest.approx(200 ** 0.5) and betas[2.5] == pytest.approx(200 ** 0.25)
+    assert betas[9.99] == pytest.approx(200, rel=0.01) and betas[13.999] == pytest.approx(200, rel=0.01)
+    assert float(method.regularizer()) == 0.0                                    # mask frozen
+
+
+def test_harden_switches_every_layer_to_its_integer_weights():
+    model, method = prepared()
+    x = torch.rand(2, 1, 8, 8)
+    model.train()
+    model(x)                                       # activation clips initialize
+    model.eval()
+    method.harden(True)
+    y = model(x)
+    w_conv = model.conv.csq_weight()
+    q, s = model.conv.integer_weight()
+    assert torch.equal(w_conv, (s * q.double()).float())
+    method.harden(False)
+    assert not torch.equal(model(x), y)
+
+
+# ----------------------------------------------------------------------------- activations
+def test_pact_quantizer_matches_its_autograd_reference():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 5, dtype=torch.float64) * 2
+    for bits in (2, 4, 8):
+        alpha = torch.tensor(1.3, dtype=torch.float64, requires_grad=True)
+        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+        a, b = quant._PACTQuant.apply(x1, alpha, 2 ** bits - 1), quant.pact_reference(x2, alpha, 2 ** bits - 1)
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+        assert len(torch.unique(a)) <= 2 ** bits and float(a.min()) == 0 and float(a.max()) <= 1.3 + 1e-12
+        g = torch.randn_like(a)
+        for u, v in zip(torch.autograd.grad(a, (x1, alpha), g), torch.autograd.grad(b, (x2, alpha), g)):
+            assert torch.allclose(u, v, rtol=1e-10, atol=1e-12)
+
+
+def test_act_quant_initializes_its_clip_once_in_training():
+    aq = quant.ActQuant(4)
+    aq.train()
+    x = torch.rand(1000) * 3
+    aq(x)
+    alpha = float(aq.alpha)
+    assert 2.9 < alpha <= 3.0 and bool(aq.initialized)
+    aq(x * 10)
+    assert float(aq.alpha) == alpha
+    assert torch.equal(quant.ActQuant(32)(x - 1), torch.relu(x - 1))
+
+
+# ----------------------------------------------------------------------------- STE baseline
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_ste_uniform_layers_are_fixed_precision_integers(bits):
+    torch.manual_seed(0)
+    method = STEUniform(8, bits)
+    model = method.prepare(TwoLayer())
+    assert isinstance(model.conv, quant.STEConv2d)
+    q, s = model.conv.integer_weight()
+    assert int(q.abs().max()) <= 2 ** (bits - 1) - 1
+    assert torch.allclose(model.conv.ste_weight().detach(), (s * q.double()).float(), rtol=0, atol=1e-6 * s)
+    assert [r["storage_bits"] for r in method.export_bits()] == [bits, bits]
+    # straight-through: gradients reach the float weight
+    model(torch.rand(2, 1, 8, 8)).sum().backward()
+    assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
+
+
+def test_min_layer_bits_guard_lifts_the_best_dropped_bit_during_search_only():
+    model, method = prepared(epochs=10, finetune=4)
+    with torch.no_grad():
+        model.conv.bit_mask_logits.copy_(torch.tensor([-0.3, -0.1, -0.5, -0.2, -1.0, -1.0, -1.0, -1.0]))
+    method.on_epoch(3.0)
+    assert model.conv.kept_bits() == [1] and float(model.conv.bit_mask_logits[1]) == 0.0
+    assert float(model.conv.bit_mask_logits[0]) == pytest.approx(-0.3)  # the others untouched
+    method.min_layer_bits = 2
+    method.on_epoch(3.5)
+    assert model.conv.kept_bits() == [1, 3]
+    with torch.no_grad():
+        model.conv.bit_mask_logits.fill_(-1.0)
+    method.on_epoch(11.0)                                               # finetune: mask frozen as is
+    assert model.conv.kept_bits() == []
+    method.min_layer_bits = 0
+    method.on_epoch(4.0)                                                # guard off: the paper's rule
+    assert model.conv.kept_bits() == []
