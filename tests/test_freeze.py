@@ -91,6 +91,8 @@ def test_digits_integer_accuracy_tracks_fake_quant(digits, capsys):
     # a model that predicts one class agrees with anything: the comparison needs a trained model
     assert digits["metrics"]["accuracy"] >= 30.0, "the default digits run did not learn (a train/ problem)"
     assert abs(res["accuracy"] - digits["metrics"]["accuracy"]) <= 0.3
+    if digits["metrics"].get("int_accuracy") is not None:   # train's in-memory integer simulation = the artifact
+        assert digits["metrics"]["int_accuracy"] == pytest.approx(res["accuracy"])
     assert agreement >= 99.0
 
 
