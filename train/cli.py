@@ -41,5 +41,7 @@ def run(args) -> int:
     keys = set(TrainConfig.__dataclass_fields__) - {"num_classes", "input_shape"}
     cfg = TrainConfig(**{k: getattr(args, k) for k in keys})
     m = train(cfg, args.out, resume=args.resume)
-    print(json.dumps({k: m[k] for k in ("accuracy", "avg_bits", "avg_bits_weighted", "storage_bits", "compression")}))
+    if m is not None:           # under torchrun only rank 0 has the metrics
+        keys = ("accuracy", "int_accuracy", "avg_bits", "avg_bits_weighted", "storage_bits", "compression")
+        print(json.dumps({k: m[k] for k in keys}))
     return 0

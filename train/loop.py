@@ -274,7 +274,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
                 opts[k].step()
                 scheds[k].step()
             loss_sum += loss.item()
-            reg_sum += float(reg)
+            reg_sum += float(reg.detach())
         if proc.main:
             row = epoch_report(model, method, test_loader, proc.device, epoch, steps, loss_sum, reg_sum,
                                time.time() - t0, opts["sgd"])

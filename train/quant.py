@@ -353,7 +353,11 @@ class STEMixin:
         return 2 ** (self.weight_bits - 1) - 1
 
     def ste_weight(self):
-        s = self.scale.abs() + 1e-12
+        # LSQ's gradient scale 1/sqrt(numel * qmax): the scale's gradient sums over every
+        # weight, and unscaled it throws the scale around at the weights' learning rate.
+        g = 1.0 / math.sqrt(self.weight.numel() * self.qmax)
+        a = self.scale.abs()
+        s = a.detach() + (a * g - (a * g).detach()) + 1e-12   # value: exactly |scale|; gradient: g
         return round_ste(torch.clamp(self.weight / s, -self.qmax, self.qmax)) * s
 
     def bit_info(self) -> BitInfo:
@@ -361,9 +365,10 @@ class STEMixin:
 
     @torch.no_grad()
     def integer_weight(self):
-        s = float(self.scale.abs()) + 1e-12
-        q = torch.clamp(torch.round(self.weight / s), -self.qmax, self.qmax).long()
-        return q.cpu(), s
+        """(q, s) with ste_weight() == s * q exactly: the same float32 scale and rounding."""
+        s = self.scale.detach().abs() + 1e-12
+        q = torch.clamp(torch.round(self.weight.detach() / s), -self.qmax, self.qmax).long()
+        return q.cpu(), float(s)
 
 
 class STEConv2d(STEMixin, nn.Conv2d):

@@ -1,0 +1,217 @@
+"""`mixq train` end to end on digits: the CSQ budget and accuracy with the defaults, the run
+directory, integer-simulation accuracy, resume after a kill, NaN stop, bad-input one-liners,
+STE-uniform, torchrun/DDP; a short ResNet-20 run on real CIFAR-10 (slow)."""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixq import cli
+from mixq.train.config import TrainConfig
+from mixq.train.loop import NAN_AT_STEP_ENV, load_checkpoint, predict, restore_model, train
+from mixq import data
+
+CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
+needs_cifar = pytest.mark.skipif(not CIFAR.exists(), reason=f"{CIFAR} not present")
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+
+
+def mixq_train(*args, **popen):
+    return [sys.executable, "-m", "mixq.cli", "train", *map(str, args)]
+
+
+def cli_error(argv, capsys) -> str:
+    """Run the CLI in-process; it must fail with exit 2 and exactly one line on stderr."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def run_error(argv, capsys) -> str:
+    """A failure during training: exit 2, the progress bars, then one error line, no traceback."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    last = err.rstrip("\n").split("\n")[-1]
+    assert "Traceback" not in err and last.startswith("mixq train: error: "), err
+    return last
+
+
+def history(run: Path) -> list:
+    with open(run / "history.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------- the budget, defaults
+@pytest.mark.parametrize("target", [2, 3, 4])
+def test_default_csq_meets_the_budget_on_digits(target, tmp_path):
+    m = train(TrainConfig(target_bits=target), str(tmp_path / "run"))
+    n = len(m["layers"])
+    tolerance = max(0.15, 1 / n) + 1e-9
+    assert abs(m["avg_bits"] - target) <= tolerance, (m["avg_bits"], [r["kept_bits"] for r in m["layers"]])
+    assert m["accuracy"] >= {2: 90.0, 3: 95.0, 4: 95.0}[target], m["accuracy"]
+    # the deployed integer program classifies like the fake-quant model it came from
+    assert m["int_accuracy"] >= m["accuracy"] - 1.0 and m["int_agreement"] >= 98.0, m
+    # reported bits are the layers' own
+    rows = m["layers"]
+    assert m["avg_bits"] == pytest.approx(sum(r["precision"] for r in rows) / n)
+    assert m["avg_bits_weighted"] == pytest.approx(sum(r["precision"] * r["params"] for r in rows) / m["params"])
+    assert m["compression"] == pytest.approx(32 / m["storage_bits"])
+    assert all(r["storage_bits"] == (max(r["kept_bits"]) - min(r["kept_bits"]) + 2 if r["kept_bits"] else 1) for r in rows)
+    if target == 3:
+        check_run_dir(tmp_path / "run", m)
+
+
+def check_run_dir(run: Path, m: dict):
+    import matplotlib.image as mpimg
+    cfg = TrainConfig()
+    hist = history(run)
+    assert len(hist) == cfg.epochs == m["epochs"] and cfg.search() == 20 and cfg.finetune() == 10
+    assert {"loss", "accuracy", "beta", "avg_precision", "avg_precision_weighted"} <= set(hist[0])
+    assert [k for k in hist[0] if k.startswith("prec:")] == [f"prec:{r['name']}" for r in m["layers"]]
+    assert float(hist[0]["beta"]) < 1.5 and float(hist[cfg.search() - 1]["beta"]) > 150    # annealed
+    assert float(hist[cfg.search()]["beta"]) < 10                                          # rewound
+    assert float(hist[-1]["accuracy"]) == m["accuracy"]
+    for png in ("precision.png", "bits.png"):
+        img = mpimg.imread(run / png)
+        assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500 and img.std() > 0.05
+    # the checkpoint is weights-only loadable and reproduces the reported accuracy
+    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    model, method, cfg = restore_model(ckpt)
+    method.harden(True)
+    pred, labels = predict(model, torch.utils.data.DataLoader(data.load("digits").test, 512), "cpu")
+    assert 100.0 * float((pred == labels).double().mean()) == m["accuracy"]
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+
+
+# ----------------------------------------------------------------------------- resume after a kill
+SHORT = ["--epochs", "6", "--finetune-epochs", "2", "--train-subset", "600"]
+
+
+def comparable(run: Path):
+    m = json.loads((run / "metrics.json").read_text())
+    m.pop("train_seconds")
+    return m, [{k: v for k, v in row.items() if k != "seconds"} for row in history(run)]
+
+
+def test_killed_run_resumes_to_identical_metrics(tmp_path):
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    subprocess.run(mixq_train(*SHORT, "--out", ref), check=True, capture_output=True)
+    proc = subprocess.Popen(mixq_train(*SHORT, "--out", run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (run / "checkpoint.pt").exists() and load_checkpoint(run / "checkpoint.pt")["epoch"] >= 1:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (run / "metrics.json").exists()
+    killed_at = load_checkpoint(run / "checkpoint.pt")["epoch"]
+    assert 1 <= killed_at < 5
+    r = subprocess.run(mixq_train(*SHORT, "--out", run, "--resume"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert comparable(run) == comparable(ref)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    monkeypatch.setenv(NAN_AT_STEP_ENV, "6")               # in the second epoch (4 steps of 64 per epoch)
+    err = run_error(["train", "--epochs", "3", "--train-subset", "300", "--out", str(run)], capsys)
+    assert "loss is nan at epoch 1 step 2" in err and "last good checkpoint kept" in err and str(run) in err
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert not (run / "metrics.json").exists()
+    # a NaN before any checkpoint says so
+    monkeypatch.setenv(NAN_AT_STEP_ENV, "0")
+    err = run_error(["train", "--epochs", "1", "--train-subset", "300", "--out", str(tmp_path / "r2")], capsys)
+    assert "no checkpoint was written yet" in err
+
+
+def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert "unknown model 'resnet7'" in cli_error(["train", "--model", "resnet7", "--out", out], capsys)
+    assert "unknown dataset 'mnist'" in cli_error(["train", "--dataset", "mnist", "--out", out], capsys)
+    assert "--method" in cli_error(["train", "--method", "bsq", "--out", out], capsys)
+    err = cli_error(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "missing"), "--out", out], capsys)
+    assert "missing" in err and "no such file" in err
+    for bits in ("0", "-1", "8.5"):
+        assert f"--target-bits {float(bits)}" in cli_error(["train", "--target-bits", bits, "--out", out], capsys)
+    assert "--act-bits" in cli_error(["train", "--act-bits", "1", "--out", out], capsys)
+    assert "--weight-bits" in cli_error(["train", "--method", "ste-uniform", "--weight-bits", "1", "--out", out], capsys)
+    # --resume: nothing there, corrupt, foreign, not resumable, another configuration
+    assert "nothing to resume" in cli_error(["train", "--resume", "--out", out], capsys)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    assert "not a readable mixq checkpoint" in cli_error(["train", "--resume", "--out", out], capsys)
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, run / "checkpoint.pt")
+    assert "not a mixq checkpoint" in cli_error(["train", "--resume", "--out", out], capsys)
+    torch.save({"model": {}, "config": TrainConfig().to_dict(), "epoch": 0}, run / "checkpoint.pt")
+    assert "not resumable" in cli_error(["train", "--resume", "--out", out], capsys)
+    bogus = {"model": {}, "config": {**TrainConfig().to_dict(), "colour": "red"}, "epoch": 0,
+             "optimizers": {}, "schedulers": {}, "history": []}
+    torch.save(bogus, run / "checkpoint.pt")
+    assert "not a mixq config" in cli_error(["train", "--resume", "--out", out], capsys)
+    bogus["config"] = {**TrainConfig().to_dict(), "lr": 0.5}
+    torch.save(bogus, run / "checkpoint.pt")
+    assert "different configuration" in cli_error(["train", "--resume", "--out", out], capsys)
+    bogus["config"] = TrainConfig().to_dict()                      # right config, wrong weights
+    torch.save(bogus, run / "checkpoint.pt")
+    assert "does not match its model config" in cli_error(["train", "--resume", "--out", out], capsys)
+
+
+# ----------------------------------------------------------------------------- other methods, DDP
+def test_ste_uniform_trains_fixed_precision(tmp_path):
+    m = train(TrainConfig(method="ste-uniform", weight_bits=4, epochs=6), str(tmp_path / "run"))
+    assert m["method"] == "ste-uniform" and m["target_bits"] == 4
+    assert {r["storage_bits"] for r in m["layers"]} == {4} and m["avg_bits"] == 3.0
+    assert m["accuracy"] >= 90.0 and m["int_agreement"] >= 98.0, m
+    assert len(history(tmp_path / "run")) == 6
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([str(TORCHRUN), "--standalone", "--nproc_per_node", "2", "-m", "mixq.cli", "train",
+                        "--epochs", "6", "--finetune-epochs", "2", "--batch-size", "32", "--out", str(run)],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    # 2 x 32 images per step: about the progress one process makes with 64 (~45-50% here)
+    assert m["processes"] == 2 and m["epochs"] == 6 and m["accuracy"] > 30
+    assert len(history(run)) == 6
+    assert r.stdout.count('"accuracy"') == 1                  # only rank 0 reports
+    assert not [p for p in run.iterdir() if ".tmp" in p.name]
+    model, method, cfg = restore_model(load_checkpoint(run / "checkpoint.pt"))
+    assert not any(k.startswith("module.") for k in model.state_dict())
+
+
+# ----------------------------------------------------------------------------- CIFAR-10
+@needs_cifar
+@pytest.mark.slow
+def test_resnet20_on_cifar10_trains_end_to_end(tmp_path):
+    run = tmp_path / "run"
+    r = subprocess.run(mixq_train("--model", "resnet20", "--dataset", "cifar10", "--data-dir", CIFAR,
+                                  "--train-subset", "2048", "--test-subset", "500", "--epochs", "2",
+                                  "--finetune-epochs", "1", "--batch-size", "128", "--out", run),
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["model"] == "resnet20" and len(m["layers"]) == 22 and m["test_images"] == 500
+    assert m["accuracy"] > 15 and m["int_accuracy"] is not None and m["int_agreement"] > 90
+    assert abs(m["avg_bits"] - 3) <= 0.15
