@@ -1,0 +1,260 @@
+"""Compile a frozen model into a self-contained build directory.
+
+    BUILD_DIR/model.so      the Relax executable (`export_library`; cross-compiled for other arches)
+    BUILD_DIR/frozen/       a copy of the frozen model it came from (the golden reference)
+    BUILD_DIR/deploy.json   what the runtime needs to trust and drive the library: the frozen
+                            manifest's sha256, target and arch, input quantization, output,
+                            entry function and batch, TVM version, compile seconds
+
+The library exports one Relax function, `main(x) -> output`. The default lowering gives it a
+symbolic batch dimension, so one library runs batch 1 (latency) and large batches (bit-exact
+check, accuracy); a whole-graph strategy may fix the batch instead (deploy.json "entry":
+{"batch": B}; the runtime then pads the last chunk).
+The build directory is written atomically (temp dir beside it, renamed into place).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from mixq import graph as G
+
+BUILD_FORMAT = "mixq-build"
+BUILD_FORMAT_VERSION = 1
+LIBRARY = "model.so"
+DEPLOY_JSON = "deploy.json"
+FROZEN_COPY = "frozen"
+ENTRY_FUNCTION = "main"
+
+# --target presets; anything else must be a JSON target ({"kind": "llvm", ...})
+AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+PRESETS = ("host", "aarch64")
+
+
+class CompileError(ValueError):
+    """A user-facing compile failure: the message names the option or file at fault."""
+
+
+# ----------------------------------------------------------------------------- targets
+def normalize_arch(name: str) -> str:
+    """Machine names as `uname -m` / an LLVM triple spell them -> one spelling per arch."""
+    name = name.lower()
+    return {"amd64": "x86_64", "x64": "x86_64", "arm64": "aarch64", "aarch64_be": "aarch64"}.get(name, name)
+
+
+def host_arch() -> str:
+    return normalize_arch(platform.machine())
+
+
+def host_target_config() -> dict:
+    """This machine: LLVM's name for its CPU (so it gets AVX-512/VNNI etc.) and its cores.
+    A library built for it may use instructions other x86 CPUs lack: deploy it here."""
+    from tvm.target import codegen
+    return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": os.cpu_count() or 1}
+
+
+def target_config(spec: str) -> dict:
+    """--target host | aarch64 | '<json>' -> a target config dict."""
+    spec = spec.strip()
+    if spec == "host":
+        return host_target_config()
+    if spec == "aarch64":
+        return dict(AARCH64_TARGET)
+    if spec.startswith("{"):
+        try:
+            config = json.loads(spec)
+        except json.JSONDecodeError as e:
+            raise CompileError(f"--target: not valid JSON ({e})") from None
+        if not isinstance(config, dict) or "kind" not in config:
+            raise CompileError('--target: a JSON target must be an object with a "kind", e.g. '
+                               '{"kind": "llvm", "mcpu": "skylake-avx512"}')
+        return config
+    raise CompileError(f"--target '{spec}': unknown target (use host, aarch64, or a JSON target "
+                       'such as \'{"kind": "llvm", "mtriple": "aarch64-linux-gnu"}\')')
+
+
+def make_target(config: dict):
+    import tvm
+    if config.get("kind") != "llvm":
+        raise CompileError(f"--target: kind '{config.get('kind')}' is not supported (mixq builds CPU "
+                           "libraries: kind llvm)")
+    try:
+        return tvm.target.Target(config)
+    except Exception as e:  # noqa: BLE001 - TVM raises plain ValueError/TVMError with long text
+        raise CompileError(f"--target {json.dumps(config)}: {str(e).strip().splitlines()[0]}") from None
+
+
+def target_arch(target) -> str:
+    """The arch the library runs on: the target's mtriple, else this machine."""
+    triple = target.attrs.get("mtriple")
+    return normalize_arch(str(triple).split("-")[0]) if triple else host_arch()
+
+
+def cross_compiler(target) -> str | None:
+    """The C++ driver that links a library for another arch (None: this machine's default).
+
+    Debian names both after the triple: g++-<triple> installs <triple>-g++."""
+    if target_arch(target) == host_arch():
+        return None
+    triple = str(target.attrs["mtriple"])
+    # Debian's cross toolchains use the canonical "<arch>-linux-gnu" triple
+    compiler = f"{triple}-g++"
+    if shutil.which(compiler) is None:
+        raise CompileError(f"cross compiler {compiler} not found on PATH: install the Debian package "
+                           f"g++-{triple} (apt-get install g++-{triple})")
+    return compiler
+
+
+# ----------------------------------------------------------------------------- build dir
+def is_build_dir(path) -> bool:
+    try:
+        return json.loads((Path(path) / DEPLOY_JSON).read_text()).get("format") == BUILD_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_overwritable(out_dir: Path):
+    """Only an empty directory or an earlier build may be replaced."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise CompileError(f"--out {out_dir}: exists and is not a directory")
+    if any(out_dir.iterdir()) and not is_build_dir(out_dir):
+        raise CompileError(f"--out {out_dir}: exists and is not a mixq build directory; refusing to "
+                           "overwrite it")
+
+
+def _replace_dir(tmp: Path, out_dir: Path):
+    """Rename `tmp` to `out_dir`; an earlier build there is removed only after that worked."""
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "build")
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "build", out_dir)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- compile
+# Whole-graph strategies, tried in order before the per-op lowering table (compile/lower.py):
+# `fn(graph, target) -> (IRModule, info) | None`, None (or raising lower.Unsupported) when the
+# graph or target is outside the strategy. The IRModule has `main(x)`; info may say
+# {"strategy": name, "batch": B} for a fixed batch B (default: a symbolic batch). Kernels
+# the strategy schedules itself carry the PrimFunc attribute "tirx.is_scheduled".
+GRAPH_STRATEGIES: list = []
+
+
+def lower_module(graph: G.IntGraph, target, strategy: str = "auto"):
+    """(IRModule, info): the first whole-graph strategy that takes the graph, else the per-op
+    table with the generic schedule (`strategy="default"` skips the whole-graph ones)."""
+    from mixq.compile import lower, schedule
+    if strategy == "auto":
+        for fn in GRAPH_STRATEGIES:
+            try:
+                found = fn(graph, target)
+            except lower.Unsupported:
+                found = None
+            if found is not None:
+                return found
+    mod, chosen = lower.lower_graph(graph, target)
+    return schedule.schedule_module(mod, target), {"strategy": "default", "batch": None,
+                                                   "lowerings": chosen}
+
+
+def build_library(graph: G.IntGraph, target, strategy: str = "auto"):
+    """(Relax executable, info) for `graph` on `target`."""
+    import tvm
+    from tvm import relax
+
+    mod, info = lower_module(graph, target, strategy)
+    # "default_build": legalize and lower, no operator fusion; every kernel already carries
+    # its own epilogue and its schedule
+    with target:
+        ex = tvm.compile(mod, target, relax_pipeline=relax.get_pipeline("default_build"))
+    return ex, info
+
+
+def export(ex, path: Path, compiler: str | None):
+    import tvm.support.cc
+    if compiler is None:
+        ex.export_library(str(path))
+    else:
+        ex.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(compiler))
+
+
+def compile_frozen(frozen_dir, target_spec: str, out_dir, strategy: str = "auto", log=print) -> dict:
+    """Compile FROZEN_DIR for --target into BUILD_DIR; returns the deploy.json record."""
+    import tvm
+
+    frozen_dir, out_dir = Path(frozen_dir), Path(out_dir)
+    config = target_config(target_spec)
+    target = make_target(config)
+    compiler = cross_compiler(target)            # fail before the work, not after it
+    check_overwritable(out_dir)
+    graph = G.load(frozen_dir)
+    manifest_hash = G.manifest_sha256(frozen_dir)
+
+    t0 = time.time()
+    ex, info = build_library(graph, target, strategy)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        export(ex, tmp / LIBRARY, compiler)
+        seconds = time.time() - t0
+        shutil.copytree(frozen_dir, tmp / FROZEN_COPY)
+        if G.manifest_sha256(tmp / FROZEN_COPY) != manifest_hash:
+            raise CompileError(f"{frozen_dir}: changed while it was being compiled")
+        out_t = graph.tensors[graph.output]
+        record = {
+            "format": BUILD_FORMAT, "format_version": BUILD_FORMAT_VERSION,
+            "model": graph.model,
+            "dataset": graph.meta.get("dataset"),
+            "frozen_manifest_sha256": manifest_hash,
+            "frozen": FROZEN_COPY,
+            # where the frozen model was compiled from: its run dir may hold metrics.json
+            "source_frozen_dir": str(frozen_dir.resolve()),
+            "library": LIBRARY,
+            "library_bytes": (tmp / LIBRARY).stat().st_size,
+            "library_sha256": sha256_file(tmp / LIBRARY),
+            "target": config,
+            "target_str": str(target),
+            "arch": target_arch(target),
+            "cross_compiler": compiler,
+            "entry": {"function": ENTRY_FUNCTION, "batch": info.get("batch") or "dynamic"},
+            "input": {"name": graph.input.name, "dtype": graph.input.dtype, "bits": graph.input.bits,
+                      "scale": graph.input.scale, "shape": list(graph.input.shape)},
+            "output": {"name": graph.output, "dtype": out_t.dtype, "shape": list(out_t.shape)},
+            "strategy": info.get("strategy"),
+            "lowering_info": {k: v for k, v in info.items() if k not in ("strategy", "batch")},
+            "tvm_version": tvm.__version__,
+            "compile_seconds": round(seconds, 3),
+        }
+        (tmp / DEPLOY_JSON).write_text(json.dumps(record, indent=1) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"compiled {graph.model} for {record['arch']} ({config.get('mcpu') or config.get('mtriple') or 'llvm'}) "
+        f"in {seconds:.1f} s: {out_dir / LIBRARY} ({record['library_bytes'] / 1024:.0f} KiB)")
+    return record

@@ -1,0 +1,237 @@
+"""Run a build directory on a board and prove it: bit-exactness, accuracy, latency.
+
+`deploy()` verifies BUILD_DIR (deploy.json, the library's and the frozen manifest's hashes),
+connects to the board (or a local RPC server it starts), refuses a library built for another
+architecture, quantizes the test split exactly as the golden interpreter does
+(`graph.quantize_input`), runs the library in batches, compares every output integer with
+`graph.run_batched` on the frozen copy, measures latency at batch 1 with `time_evaluator`
+on the board, and writes BUILD_DIR/report.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mixq import data as datasets
+from mixq import graph as G
+from mixq.compile import build as B
+from mixq.runtime import session as S
+
+
+class DeployError(ValueError):
+    """A bad build directory, dataset or option (one-line message naming it)."""
+
+
+# ----------------------------------------------------------------------------- build dir
+def load_build(build_dir) -> tuple[dict, G.IntGraph]:
+    """deploy.json and the golden graph, after checking that the library and the frozen copy are
+    the ones deploy.json was written for."""
+    build_dir = Path(build_dir)
+    path = build_dir / B.DEPLOY_JSON
+    if not path.is_file():
+        raise DeployError(f"{path}: no such file (not a build directory from mixq compile)")
+    try:
+        record = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise DeployError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != B.BUILD_FORMAT:
+        raise DeployError(f"{path}: not a mixq build manifest")
+    if record.get("format_version") != B.BUILD_FORMAT_VERSION:
+        raise DeployError(f"{path}: build format version {record.get('format_version')} is not supported")
+    lib = build_dir / record.get("library", B.LIBRARY)
+    if not lib.is_file():
+        raise DeployError(f"{lib}: missing (the compiled library)")
+    if B.sha256_file(lib) != record.get("library_sha256"):
+        raise DeployError(f"{lib}: sha256 does not match {path} (replaced or modified after compile)")
+    frozen = build_dir / record.get("frozen", B.FROZEN_COPY)
+    if not (frozen / "manifest.json").is_file():
+        raise DeployError(f"{frozen}/manifest.json: missing (the frozen model this build came from)")
+    if G.manifest_sha256(frozen) != record.get("frozen_manifest_sha256"):
+        raise DeployError(f"{frozen}/manifest.json: sha256 does not match frozen_manifest_sha256 in "
+                          f"{path} (the build and its frozen model disagree)")
+    return record, G.load(frozen)
+
+
+def find_metrics(record: dict, build_dir: Path, metrics_path=None) -> tuple[dict | None, str | None]:
+    """The training run's metrics.json: --metrics, else beside the frozen model it was compiled
+    from (RUN/frozen -> RUN/metrics.json), else beside the build dir (RUN/build-host)."""
+    if metrics_path:
+        candidates = [Path(metrics_path)]
+        if not candidates[0].is_file():
+            raise DeployError(f"--metrics {metrics_path}: no such file")
+    else:
+        candidates = [Path(record.get("source_frozen_dir", "")).parent / "metrics.json",
+                      Path(build_dir).resolve().parent / "metrics.json"]
+    for c in candidates:
+        try:
+            m = json.loads(c.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(m, dict) and m.get("model") == record.get("model"):
+            return m, str(c)
+    return None, None
+
+
+# ----------------------------------------------------------------------------- running
+def _batches(n: int, size: int):
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def fixed_batch(record: dict) -> int | None:
+    """The library's batch when it was compiled for one (else it takes any batch)."""
+    batch = record["entry"].get("batch")
+    return batch if isinstance(batch, int) else None
+
+
+def pad_batch(x: np.ndarray, batch: int | None) -> np.ndarray:
+    """`x` padded with zero images to `batch` rows (a fixed-batch library needs full batches)."""
+    if batch is None or len(x) == batch:
+        return x
+    return np.concatenate([x, np.zeros((batch - len(x), *x.shape[1:]), dtype=x.dtype)])
+
+
+def run_deployed(model: S.RemoteModel, xq: np.ndarray, batch_size: int, fixed: int | None = None,
+                 progress=True) -> np.ndarray:
+    from tqdm import tqdm
+    outs = []
+    for lo, hi in tqdm(_batches(len(xq), fixed or batch_size), desc="deployed", unit="batch",
+                       disable=not progress, leave=False):
+        out = model.run(pad_batch(xq[lo:hi], fixed), what=f"images {lo}..{hi - 1}")
+        outs.append(out[:hi - lo])
+    return np.concatenate(outs)
+
+
+def run_golden(graph: G.IntGraph, xq: np.ndarray, batch_size: int, progress=True) -> np.ndarray:
+    from tqdm import tqdm
+    return np.concatenate([G.run(graph, xq[lo:hi]) for lo, hi in
+                           tqdm(_batches(len(xq), batch_size), desc="golden", unit="batch",
+                                disable=not progress, leave=False)])
+
+
+def _percentile(values, q) -> float:
+    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
+
+
+def check_arch(record: dict, model: S.RemoteModel, build_dir: Path):
+    want = record.get("arch")
+    if model.arch is not None and want != model.arch:
+        hint = "aarch64" if model.arch == "aarch64" else ("host" if model.arch == B.host_arch() else
+                                                           "a JSON target for it")
+        raise S.BoardError(f"{build_dir / record['library']} is built for {want} but board "
+                           f"{model.board.description} is {model.arch}: recompile with --target {hint}")
+
+
+def load_test_split(record: dict, dataset: str | None, data_dir, images: int | None):
+    """The test split, or N images spread evenly over it (a prefix may hold one class only)."""
+    name = dataset or record.get("dataset") or "digits"
+    if images is not None and images < 1:
+        raise DeployError(f"--images {images}: must be >= 1")
+    spec = datasets.load(name, data_dir, test_subset=images)
+    shape = tuple(record["input"]["shape"])
+    if tuple(spec.input_shape) != shape:
+        raise DeployError(f"--dataset {name}: images {tuple(spec.input_shape)} do not fit the model input {shape}")
+    if tuple(record["output"]["shape"]) != (spec.num_classes,):
+        raise DeployError(f"--dataset {name}: {spec.num_classes} classes do not fit the model output "
+                          f"{tuple(record['output']['shape'])}")
+    x, y = datasets.test_arrays(spec)
+    return name, x, y
+
+
+def deploy(build_dir, board: S.BoardSpec | None = None, dataset: str | None = None, data_dir=None,
+           images: int | None = None, repeat: int = 30, batch_size: int = 64, metrics_path=None,
+           progress: bool = True, log=print) -> dict:
+    """Verify, run and measure BUILD_DIR on `board` (None: a local RPC server). Returns the report."""
+    build_dir = Path(build_dir)
+    if repeat < 1:
+        raise DeployError(f"--repeat {repeat}: must be >= 1")
+    if batch_size < 1:
+        raise DeployError(f"--batch-size {batch_size}: must be >= 1")
+    record, graph = load_build(build_dir)
+    name, x, y = load_test_split(record, dataset, data_dir, images)
+    metrics, metrics_file = find_metrics(record, build_dir, metrics_path)
+    xq = G.quantize_input(graph.input, x)
+
+    t0 = time.time()
+    if board is None:
+        with S.local_server() as server:
+            spec = S.BoardSpec(server.host, server.port)
+            report = _run_on_board(record, build_dir, spec, xq, y, graph, repeat, batch_size, progress)
+            report["board"] = f"local RPC server {server.address}"
+    else:
+        report = _run_on_board(record, build_dir, board, xq, y, graph, repeat, batch_size, progress)
+        report["board"] = board.description
+    report.update({
+        "model": record["model"], "dataset": name,
+        "trained_accuracy": None if metrics is None else metrics.get("accuracy"),
+        "trained_int_accuracy": None if metrics is None else metrics.get("int_accuracy"),
+        "trained_test_images": None if metrics is None else metrics.get("test_images"),
+        "metrics_file": metrics_file,
+        "target": record["target"], "arch": record["arch"],
+        "artifact_bytes": (build_dir / record["library"]).stat().st_size,
+        "frozen_manifest_sha256": record["frozen_manifest_sha256"],
+        "tvm_version": record.get("tvm_version"),
+        "seconds": round(time.time() - t0, 2),
+    })
+    write_report(build_dir / "report.json", report)
+    log(summary(report, build_dir))
+    return report
+
+
+def _run_on_board(record, build_dir, board, xq, y, graph, repeat, batch_size, progress) -> dict:
+    model = S.RemoteModel(board, build_dir / record["library"], record["entry"]["function"])
+    model.open()
+    try:
+        check_arch(record, model, build_dir)
+        model.load()
+        fixed = fixed_batch(record)
+        got = run_deployed(model, xq, batch_size, fixed, progress)
+        lat = model.latency_ms(pad_batch(xq[:1], fixed), repeat)
+    finally:
+        model.close()
+    want = run_golden(graph, xq, 256, progress)
+    if got.shape != want.shape or got.dtype != want.dtype:
+        raise S.BoardError(f"board returned {got.dtype}{list(got.shape)}, the golden interpreter "
+                           f"{want.dtype}{list(want.shape)}")
+    differs = np.any(got.reshape(len(got), -1) != want.reshape(len(want), -1), axis=1)
+    mismatches = int(differs.sum())
+    return {
+        "bit_exact": mismatches == 0 and len(got) > 0,
+        "images_checked": int(len(got)),
+        "mismatches": mismatches,
+        "first_mismatch": int(np.argmax(differs)) if mismatches else None,
+        "accuracy": 100.0 * float((got.argmax(1) == y).mean()),
+        "reference_accuracy": 100.0 * float((want.argmax(1) == y).mean()),
+        "accuracy_images": int(len(y)),
+        "latency_ms": {"median": round(_percentile(lat, 50), 4), "p90": round(_percentile(lat, 90), 4),
+                       "batch": fixed or 1, "samples": len(lat)},
+        "board_arch": model.arch,
+        # a board of another arch on this very machine can only be an emulator (qemu)
+        "emulated": bool(model.arch and model.arch != B.host_arch() and S.is_local_host(board.host)),
+    }
+
+
+def write_report(path: Path, report: dict):
+    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(report, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def summary(r: dict, build_dir: Path) -> str:
+    yes = "yes" if r["bit_exact"] else f"NO ({r['mismatches']} of {r['images_checked']} images differ)"
+    trained = "n/a (no metrics.json found; pass --metrics)" if r["trained_accuracy"] is None else \
+        f"{r['trained_accuracy']:.2f}%"
+    lat = r["latency_ms"]
+    emu = "  [emulated: qemu speed, not the board's]" if r["emulated"] else ""
+    return "\n".join([
+        f"{r['model']} on {r['dataset']} | {r['arch']} | board: {r['board']}",
+        f"  bit-exact vs golden interpreter: {yes} ({r['images_checked']} images)",
+        f"  accuracy: deployed {r['accuracy']:.2f}%, golden {r['reference_accuracy']:.2f}%, trained {trained}",
+        f"  latency (batch {lat['batch']}): median {lat['median']:.3f} ms, p90 {lat['p90']:.3f} ms{emu}",
+        f"  artifact: {r['artifact_bytes'] / 1024:.0f} KiB | report: {build_dir / 'report.json'}",
+    ])

@@ -1,0 +1,238 @@
+"""mixq compile: TVM programs == the golden interpreter, the build directory, the error paths.
+
+Fuzzed graphs come from tests/graphgen.py; they are compiled in-process (no RPC) and compared
+with `mixq.graph.run` integer for integer. The end-to-end digits and CIFAR checks through RPC
+are in test_deploy.py."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import graphgen  # noqa: E402
+
+from mixq import graph as G  # noqa: E402
+
+ELF_MACHINE_AARCH64 = 0xB7
+ELF_MACHINE_X86_64 = 0x3E
+FUZZ_SEEDS = list(range(8))
+
+
+def mixq(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mixq.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def host_target():
+    from mixq.compile import build
+    return build.make_target(build.host_target_config())
+
+
+def compile_and_run(graph: G.IntGraph, target, inputs: list[np.ndarray], strategy="default"):
+    """Outputs of the compiled program (in this process, on the CPU) for each input batch."""
+    import tvm
+    from tvm import relax
+
+    from mixq.compile import build
+    ex, info = build.build_library(graph, target, strategy)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    return [vm["main"](tvm.runtime.tensor(x)).numpy() for x in inputs], info
+
+
+def elf_machine(path) -> int:
+    head = Path(path).read_bytes()[:20]
+    assert head[:4] == b"\x7fELF", f"{path} is not an ELF file"
+    return int.from_bytes(head[18:20], "little")
+
+
+# ----------------------------------------------------------------------------- lowering table
+def test_every_op_kind_has_a_default_lowering():
+    from mixq.compile import lower
+    assert set(lower.LOWERINGS) == set(G.OP_KINDS)
+    for kind, entries in lower.LOWERINGS.items():
+        assert "default" in [e.name for e in entries], kind
+
+
+def test_a_registered_lowering_is_tried_first_and_may_decline(host_target):
+    from mixq.compile import lower
+    g = graphgen.random_graph(1)
+    last = g.ops[-1]
+    saved = list(lower.LOWERINGS[last.kind])
+    default_fn = saved[-1].fn
+    seen = []
+
+    def declines(ctx, op, inputs):
+        seen.append((op.name, ctx.target, len(inputs), ctx.bounds[op.inputs[0]]))
+        raise lower.Unsupported("not on this target")
+
+    try:
+        lower.register(last.kind, "declines", first=True)(declines)
+        _, chosen = lower.lower_graph(g, host_target)
+        assert chosen[last.name] == "default"
+        name, target, n_inputs, bound = seen[-1]
+        assert name == last.name and target is host_target and n_inputs == len(last.inputs) and bound > 0
+        lower.register(last.kind, "takes", first=True)(default_fn)
+        _, chosen = lower.lower_graph(g, host_target)
+        assert chosen[last.name] == "takes"
+    finally:
+        lower.LOWERINGS[last.kind] = saved
+
+
+# ----------------------------------------------------------------------------- bit-exactness
+def test_fuzz_seeds_cover_every_op_kind_and_both_residual_shapes():
+    graphs = [graphgen.random_graph(s) for s in FUZZ_SEEDS]
+    kinds = {op.kind for g in graphs for op in g.ops}
+    assert kinds == set(G.OP_KINDS)
+    add_inputs = {tuple(g.tensors[i].dtype for i in op.inputs) for g in graphs for op in g.ops if op.kind == "add"}
+    assert ("int32", "uint8") in add_inputs and ("int32", "int32") in add_inputs
+    bits = {op.attrs["storage_bits"] for g in graphs for op in g.ops if "storage_bits" in op.attrs}
+    assert min(bits) <= 3 and max(bits) >= 8
+
+
+@pytest.mark.parametrize("seed", FUZZ_SEEDS)
+def test_random_graph_is_bit_exact(seed, host_target):
+    g = graphgen.random_graph(seed)
+    inputs = [graphgen.random_input(g, 1, seed), graphgen.random_input(g, 9, seed + 1000)]
+    outs, _ = compile_and_run(g, host_target, inputs)
+    for x, got in zip(inputs, outs):
+        want = G.run(g, x)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, batch {len(x)}")
+
+
+def _graph(input_t: G.TensorInfo, ops: list, out: str, tensors: list) -> G.IntGraph:
+    g = G.IntGraph("handmade", input_t, out, ops, {t.name: t for t in [input_t, *tensors]}, {})
+    G.validate(g)
+    return g
+
+
+def test_maxpool_on_a_signed_input_pads_with_zero(host_target):
+    """The contract pads pooling windows with 0, not -inf: visible on negative inputs only."""
+    x_t = G.TensorInfo("x", (2, 4, 4), "int8", 8, 1.0)
+    y_t = G.TensorInfo("y", (2, 3, 3), "int8", 8, 1.0)
+    g = _graph(x_t, [G.Op("pool", "maxpool", ["x"], "y", {"kernel": 2, "stride": 2, "padding": 1})], "y", [y_t])
+    x = -np.arange(1, 2 * 2 * 16 + 1, dtype=np.int8).reshape(2, 2, 4, 4)   # all negative
+    (got,), _ = compile_and_run(g, host_target, [x])
+    want = G.run(g, x)
+    assert (want[:, :, 0, 0] == 0).all()         # a corner window holds 3 padded zeros
+    np.testing.assert_array_equal(got, want)
+
+
+def test_requantization_extremes_are_exact(host_target):
+    """Multipliers near 2^31, shifts 1..62, negative multipliers, ties at .5, clipping both ends."""
+    channels = 8
+    x_t = G.TensorInfo("x", (4, 3, 3), "uint8", 8, 1.0)
+    y_t = G.TensorInfo("y", (channels, 3, 3), "uint8", 8, 1.0)
+    rng = np.random.default_rng(7)
+    w = rng.integers(-127, 128, size=(channels, 4, 1, 1)).astype(np.int8)
+    mult = np.array([2**31 - 1, -(2**31 - 1), 1, -1, 2**30, 3, 2**31 - 1, 12345], dtype=np.int32)
+    shift = np.array([62, 31, 1, 1, 31, 2, 40, 13], dtype=np.int32)
+    bias = np.array([2**20, -(2**20), 1, -1, 0, 2, -3, 7], dtype=np.int32)
+    op = G.Op("conv", "conv2d", ["x"], "y",
+              {"stride": 1, "padding": 0, "groups": 1, "storage_bits": 8, "out_bits": 8},
+              {"weight": w, "bias": bias, "multiplier": mult, "shift": shift})
+    g = _graph(x_t, [op], "y", [y_t])
+    x = rng.integers(0, 256, size=(16, 4, 3, 3)).astype(np.uint8)
+    x[0] = 255
+    x[1] = 0
+    (got,), _ = compile_and_run(g, host_target, [x])
+    want = G.run(g, x)
+    assert 0 in want and 255 in want and len(np.unique(want)) > 20
+    np.testing.assert_array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------- the CLI
+@pytest.fixture(scope="module")
+def frozen_random(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("frozen") / "frozen"
+    G.save(graphgen.random_graph(2), path)
+    return path
+
+
+def test_compile_writes_a_self_contained_build_dir(frozen_random, tmp_path):
+    import tvm
+    from tvm import relax
+
+    out = tmp_path / "build"
+    r = mixq("compile", frozen_random, "--target", "host", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "compiled" in r.stdout
+    rec = json.loads((out / "deploy.json").read_text())
+    assert rec["frozen_manifest_sha256"] == G.manifest_sha256(frozen_random) == G.manifest_sha256(out / "frozen")
+    assert rec["arch"] == "x86_64" or rec["arch"] == os.uname().machine
+    assert rec["target"]["kind"] == "llvm" and rec["target"]["mcpu"]
+    assert rec["tvm_version"] == tvm.__version__ and rec["compile_seconds"] > 0
+    g = G.load(out / "frozen")
+    assert rec["input"] == {"name": g.input.name, "dtype": g.input.dtype, "bits": g.input.bits,
+                            "scale": g.input.scale, "shape": list(g.input.shape)}
+    assert rec["output"]["dtype"] == g.tensors[g.output].dtype
+    assert rec["library_bytes"] == (out / "model.so").stat().st_size
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp dirs left behind"
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(out / "model.so")), tvm.cpu())
+    x = graphgen.random_input(g, 5, 3)
+    np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), G.run(g, x))
+
+
+def test_aarch64_cross_compile_gives_an_aarch64_elf(frozen_random, tmp_path):
+    if shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("aarch64-linux-gnu-g++ missing (apt-get install g++-aarch64-linux-gnu)")
+    out = tmp_path / "build-arm"
+    r = mixq("compile", frozen_random, "--target", "aarch64", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert elf_machine(out / "model.so") == ELF_MACHINE_AARCH64
+    rec = json.loads((out / "deploy.json").read_text())
+    assert rec["arch"] == "aarch64" and rec["cross_compiler"] == "aarch64-linux-gnu-g++"
+    assert rec["target"]["mtriple"] == "aarch64-linux-gnu"
+
+
+@pytest.mark.parametrize("target, message", [
+    ("foo", "--target 'foo': unknown target"),
+    ('{"kind": "llvm", "bogus": 1}', "Unknown config option 'bogus'"),
+    ('{"kind": "cuda"}', "kind 'cuda' is not supported"),
+    ("{not json", "not valid JSON"),
+])
+def test_bad_target_is_one_line_error(frozen_random, tmp_path, target, message):
+    r = mixq("compile", frozen_random, "--target", target, "--out", tmp_path / "b")
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_missing_cross_compiler_names_the_debian_package(frozen_random, tmp_path):
+    empty = tmp_path / "empty-path"
+    empty.mkdir()
+    env = {**os.environ, "PATH": str(empty)}
+    r = mixq("compile", frozen_random, "--target", "aarch64", "--out", tmp_path / "b", env=env)
+    assert r.returncode == 2
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "aarch64-linux-gnu-g++" in r.stderr and "g++-aarch64-linux-gnu" in r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+def test_refuses_to_overwrite_a_directory_that_is_not_a_build(frozen_random, tmp_path):
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    r = mixq("compile", frozen_random, "--out", out)
+    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_corrupt_frozen_model_is_one_line_error(frozen_random, tmp_path):
+    bad = tmp_path / "frozen"
+    shutil.copytree(frozen_random, bad)
+    victim = sorted((bad / "arrays").iterdir())[0]
+    data = bytearray(victim.read_bytes())
+    data[0] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = mixq("compile", bad, "--out", tmp_path / "b")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and victim.name in r.stderr, r.stderr
