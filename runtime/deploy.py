@@ -71,9 +71,11 @@ def find_metrics(record: dict, build_dir: Path, metrics_path=None) -> tuple[dict
         try:
             m = json.loads(c.read_text())
         except (OSError, ValueError):
-            continue
+            m = None
         if isinstance(m, dict) and m.get("model") == record.get("model"):
             return m, str(c)
+        if metrics_path:
+            raise DeployError(f"--metrics {metrics_path}: not the metrics.json of a {record.get('model')} run")
     return None, None
 
 

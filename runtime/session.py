@@ -139,7 +139,8 @@ def local_server():
         os.close(saved_stdout)
         log.close()
     try:
-        yield LocalServer(LOOPBACK, server.port, server.proc._proc.pid, Path(log.name))
+        # the server's process (PopenWorker keeps it in _proc): tests check it is gone afterwards
+        yield LocalServer(LOOPBACK, server.port, server.proc._proc.pid, Path(log.name))  # noqa: SLF001
     finally:
         server.terminate()
         Path(log.name).unlink(missing_ok=True)

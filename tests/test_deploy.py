@@ -317,6 +317,14 @@ def test_deploy_option_errors_are_one_line(digits):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
 
 
+def test_metrics_of_another_model_are_refused(digits, tmp_path):
+    run, _ = digits
+    other = tmp_path / "metrics.json"
+    other.write_text(json.dumps({"model": "resnet20", "accuracy": 91.0}))
+    r = mixq("deploy", run / "build-host", "--metrics", other, "--images", "10", "--no-progress")
+    assert r.returncode == 2 and "not the metrics.json of a digits-cnn run" in r.stderr, r.stderr
+
+
 # ----------------------------------------------------------------------------- CIFAR-10
 @pytest.fixture(scope="module")
 def resnet20(tmp_path_factory) -> Path:
