@@ -562,7 +562,8 @@ class PackedLowering:
         if gv is None:
             func, how = scheduled(kernel, self.target, self.database)
             fname = f"k{len(self.kernels)}_{type(kernel).__name__}"
-            gv = self.bb.add_func(func.with_attr("global_symbol", fname), fname)
+            func = func.with_attrs({"global_symbol": fname, "tirx.is_scheduled": True})
+            gv = self.bb.add_func(func, fname)
             self.kernels[kernel], self.schedules[kernel] = gv, how
         self.uses[kernel] = self.uses.get(kernel, 0) + 1
         return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, out_dtype)),
@@ -763,3 +764,45 @@ def compile_module(mod: tvm.IRModule, target) -> relax.VMExecutable:
     """Relax build without the fusion passes: every kernel is already scheduled."""
     with target:
         return tvm.compile(mod, target, relax_pipeline=relax.get_pipeline("default_build"))
+
+
+def strategy_for(target) -> Strategy | None:
+    """The fast-path strategy the target's CPU features allow (None: none does)."""
+    from mixq.compile import arm, x86
+    try:
+        return (arm if arm.is_aarch64(target) else x86).strategy_for(target)
+    except Unsupported:
+        return None
+
+
+def lower_fast(graph: G.IntGraph, target, batch: int = 1, tune_trials: int = 0, tune_db=None,
+               tune_board: str | None = None, log=print):
+    """`mixq compile`'s fast path: (IRModule, info), or None when the target or the graph is
+    outside it (info["reason"] is then logged). With tune_trials, MetaSchedule first tunes
+    the conv kernels into `tune_db` (on `tune_board` over RPC when given); records already in
+    `tune_db` are used either way."""
+    import time
+
+    from mixq.compile import tune
+    strategy = strategy_for(target)
+    if strategy is None:
+        log(f"fast path: target has no int8 dot-product strategy (x86 AVX512-VNNI/AVX2, aarch64 NEON)")
+        return None
+    try:
+        kernels = tunable_kernels(graph, batch, strategy, target)
+    except Unsupported as e:
+        log(f"fast path: not used ({e}); default lowering")
+        return None
+    info = {"strategy": strategy.name, "batch": batch}
+    if tune_trials:
+        if tune_db is None:
+            raise tune.TuneError("--tune needs --tune-db DIR (where the tuning records go)")
+        runner = tune.board_runner(tune_board) if tune_board else None
+        t0 = time.time()
+        tune.tune_kernels(kernels, target, tune_trials, tune_db, runner=runner)
+        info.update(tune_trials=tune_trials, tune_seconds=round(time.time() - t0, 1))
+    database = tune.open_database(tune_db) if tune_db else None
+    mod, report = lower_graph(graph, batch, strategy, target, database)
+    info.update(kernels=report["kernels"], tuned_kernels=report["tuned_kernels"],
+                tune_db=str(tune_db) if tune_db else None)
+    return mod, info

@@ -24,6 +24,10 @@ class TuneError(RuntimeError):
     pass
 
 
+def _is_aarch64(target) -> bool:
+    return str(target.attrs.get("mtriple", "")).startswith("aarch64")
+
+
 def _lazy_tensor_intrin_package():
     """TuneContext runs `import tvm.s_tir.tensor_intrin`, whose __init__ registers every
     target's intrinsics; CUDA's alone take ~30 s to parse. mixq's design spaces use only the
@@ -74,6 +78,55 @@ def _build(mod, target, _params):
     return tvm_build(RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod), target=target)
 
 
+def _export_aarch64(mod) -> str:
+    """Candidates for an aarch64 board: a shared library linked by the cross compiler (the
+    default export is a tar of objects, which a runtime-only board cannot link)."""
+    import tempfile
+
+    import tvm.support.cc
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path, fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+    return path
+
+
+def _direct_session(rpc_config):
+    """A session with a board's own RPC server (no tracker): host and port travel in the
+    config's tracker fields."""
+    from tvm import rpc
+    return rpc.connect(rpc_config.tracker_host, int(rpc_config.tracker_port),
+                       session_timeout=rpc_config.session_timeout_sec)
+
+
+def _alloc_from_host(session, device, args_info, alloc_repeat):
+    """Kernel arguments filled from the host: a runtime-only board (the emulated one, a
+    `pip install apache-tvm` board) has no tvm.contrib.random for MetaSchedule's default."""
+    import numpy as np
+    from tvm.s_tir.meta_schedule.runner.utils import alloc_argument_common
+    rng = np.random.default_rng(0)
+
+    def fill(arg):
+        lo, hi = (1, 31) if str(arg.dtype) == "int32" else (0, 64)   # int32 args include shifts
+        arg.copyfrom(rng.integers(lo, hi, tuple(arg.shape)).astype(str(arg.dtype)))
+    return alloc_argument_common(fill, device, args_info, alloc_repeat)
+
+
+def board_runner(address: str, timeout_s: int = 300):
+    """MetaSchedule runner that measures candidates on a board: "HOST:PORT" is the board's
+    RPC server (e.g. the emulated board, 127.0.0.1:9091), "HOST:PORT:KEY" a board of that
+    key registered with the RPC tracker at HOST:PORT."""
+    parts = address.rsplit(":", 2) if address.count(":") >= 2 else address.rsplit(":", 1)
+    try:
+        host, port = parts[0], int(parts[1])
+    except (IndexError, ValueError):
+        raise TuneError(f"--tune-board {address}: expected HOST:PORT or HOST:PORT:KEY") from None
+    key = parts[2] if len(parts) == 3 else "direct"
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=port, tracker_key=key,
+                                 session_timeout_sec=timeout_s)
+    return ms.runner.RPCRunner(config, evaluator_config=ms.runner.EvaluatorConfig(number=5, repeat=3, min_repeat_ms=50),
+                               f_create_session=_direct_session if len(parts) == 2 else None,
+                               f_alloc_argument=_alloc_from_host)
+
+
 def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progress=True,
                  seed: int = 0) -> ms.database.JSONDatabase:
     """Tune `kernels` ({kernel: weight}) for `trials` measurements in total.
@@ -116,6 +169,7 @@ def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progre
         ms.tune_tasks(tasks=tasks, task_weights=[float(w) for _, w in todo], work_dir=str(db_dir),
                       max_trials_global=trials, num_trials_per_iter=per_iter,
                       builder=ms.builder.LocalBuilder(max_workers=os.cpu_count(), f_build=_build,
+                                                      f_export=_export_aarch64 if _is_aarch64(target) else None,
                                                       timeout_sec=120),
                       runner=runner or ms.runner.LocalRunner(
                           evaluator_config=ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20)),

@@ -280,6 +280,19 @@ def arm_board():
     handle.log_path.unlink(missing_ok=True)
 
 
+def run_on_board(board, lib_path, x) -> np.ndarray:
+    """main(x) of an exported library on the board. The board's RPC server serves one session
+    at a time, so the session is dropped (and collected) before returning."""
+    import gc
+    remote = board.connect()
+    remote.upload(str(lib_path))
+    vm = relax.VirtualMachine(remote.load_module(lib_path.name), remote.cpu())
+    out = vm["main"](tvm.runtime.tensor(x, remote.cpu())).numpy()
+    del vm, remote
+    gc.collect()
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [AARCH64_SDOT, AARCH64_NEON], ids=["sdot", "neon"])
 def test_aarch64_program_is_bit_exact_on_the_board(arm_board, tmp_path, target):
@@ -291,11 +304,7 @@ def test_aarch64_program_is_bit_exact_on_the_board(arm_board, tmp_path, target):
     ex, report = arm.build(g, 2, tvm.target.Target(target))
     lib_path = tmp_path / "model.so"
     ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
-    remote = arm_board.connect()
-    remote.upload(str(lib_path))
-    vm = relax.VirtualMachine(remote.load_module(lib_path.name), remote.cpu())
-    got = vm["main"](tvm.runtime.tensor(x, remote.cpu())).numpy()
-    assert np.array_equal(got, G.run(g, x)), report["strategy"]
+    assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), report["strategy"]
 
 
 # ----------------------------------------------------------------------------- tuning
@@ -316,3 +325,23 @@ def test_tuning_records_are_reused_and_stay_exact(tmp_path):
     assert np.array_equal(got, G.run(g, x))
     x86.tune(g, 1, target, trials=4, db_dir=db_dir, progress=False)     # same shapes: nothing to do
     assert (db_dir / "database_tuning_record.json").read_text().splitlines() == records
+
+
+@pytest.mark.slow
+def test_aarch64_tuning_measures_on_the_board(arm_board, tmp_path):
+    """--tune for aarch64: candidates cross-compiled here, timed on the board over RPC."""
+    import tvm.support.cc
+
+    from mixq.compile import arm, tune
+    b = Builder((16, 6, 6), seed=13)
+    g = b.graph(b.conv("input", 16, wbits=9))
+    target = tvm.target.Target(AARCH64_SDOT)
+    db_dir = tmp_path / "tune-db"
+    arm.tune(g, 1, target, trials=2, db_dir=db_dir, runner=tune.board_runner(arm_board.address), progress=False)
+    assert (db_dir / "database_tuning_record.json").read_text().strip(), "no candidate ran on the board"
+    ex, report = arm.build(g, 1, target, tune.open_database(db_dir))
+    assert report["tuned_kernels"] == 1
+    lib_path = tmp_path / "tuned.so"
+    ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+    x = random_input(g, 1, seed=13)
+    assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x))
