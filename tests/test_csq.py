@@ -288,20 +288,53 @@ def test_ste_uniform_layers_are_fixed_precision_integers(bits):
     assert model.conv.weight.grad is not None and model.conv.weight.grad.abs().sum() > 0
 
 
-def test_min_layer_bits_guard_lifts_the_best_dropped_bit_during_search_only():
+def test_min_layer_bits_guard_lifts_the_best_dropped_bits_while_the_mask_can_move():
     model, method = prepared(epochs=10, finetune=4)
+    assert method.mask_init == 0.2
     with torch.no_grad():
         model.conv.bit_mask_logits.copy_(torch.tensor([-0.3, -0.1, -0.5, -0.2, -1.0, -1.0, -1.0, -1.0]))
     method.on_epoch(3.0)
-    assert model.conv.kept_bits() == [1] and float(model.conv.bit_mask_logits[1]) == 0.0
+    assert model.conv.kept_bits() == [1] and float(model.conv.bit_mask_logits[1]) == pytest.approx(0.2)
     assert float(model.conv.bit_mask_logits[0]) == pytest.approx(-0.3)  # the others untouched
     method.min_layer_bits = 2
     method.on_epoch(3.5)
     assert model.conv.kept_bits() == [1, 3]
     with torch.no_grad():
         model.conv.bit_mask_logits.fill_(-1.0)
-    method.on_epoch(11.0)                                               # finetune: mask frozen as is
+    method.on_epoch(10.0)                                               # the step that freezes the mask
+    assert model.conv.kept_bits() == [0, 1] and bool(model.conv.mask_frozen)
+    with torch.no_grad():
+        model.conv.bit_mask_logits.fill_(-1.0)
+    method.on_epoch(11.0)                                               # frozen: left as it is
     assert model.conv.kept_bits() == []
     method.min_layer_bits = 0
     method.on_epoch(4.0)                                                # guard off: the paper's rule
     assert model.conv.kept_bits() == []
+
+
+# ----------------------------------------------------------------------------- the zoo
+def _zoo_check(name, input_shape, n_layers):
+    from mixq.train.config import TrainConfig, build
+    cfg = TrainConfig(model=name, input_shape=input_shape, target_bits=3)
+    model, method = build(cfg)
+    # every conv/linear is quantized, every ReLU is an ActQuant, every avg pool is followed by one
+    assert not [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, nn.ReLU)]
+    assert len(method.layers()) == n_layers and method.avg_precision() == pytest.approx(3, abs=0.5 / n_layers)
+    x = torch.randn(2, *input_shape)
+    model.input_quant.calibrate(x)
+    model.train()
+    loss = model(x).logsumexp(1).sum() + method.regularizer()
+    loss.backward()
+    assert all(layer.bit_logits_pos.grad is not None and layer.bit_mask_logits.grad is not None for layer in method.layers())
+
+
+@pytest.mark.parametrize("name, shape, n", [("digits-cnn", (1, 8, 8), 5), ("resnet20", (3, 32, 32), 22)])
+def test_zoo_models_quantize_every_layer_and_train(name, shape, n):
+    _zoo_check(name, shape, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, shape, n", [("vgg19bn", (3, 32, 32), 17), ("resnet18", (3, 64, 64), 21),
+                                            ("resnet50", (3, 64, 64), 54)])
+def test_big_zoo_models_quantize_every_layer_and_train(name, shape, n):
+    _zoo_check(name, shape, n)

@@ -77,6 +77,10 @@ class TrainConfig:
             raise ValueError(f"--act-bits {self.act_bits}: must be 2..8, or 32 for float activations")
         if not 2 <= self.weight_bits <= 8:
             raise ValueError(f"--weight-bits {self.weight_bits}: must be 2..8")
+        if not self.init_logit > 0 or not self.mask_init >= 0:
+            raise ValueError(f"--init-logit {self.init_logit} must be > 0 and --mask-init {self.mask_init} >= 0")
+        if self.min_layer_bits < 0 or self.min_layer_bits > 8:
+            raise ValueError(f"--min-layer-bits {self.min_layer_bits}: must be 0..8")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

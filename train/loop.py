@@ -21,7 +21,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -140,7 +139,8 @@ def resume_state(ckpt_path: Path, cfg: TrainConfig) -> dict:
     except (ValueError, TypeError) as e:
         raise TrainError(f"{ckpt_path}: checkpoint config is not a mixq config ({e})") from None
     wanted = cfg.to_dict()
-    differ = [k for k in wanted if k != "device" and saved[k] != wanted[k]]
+    derived = {"device", "num_classes", "input_shape"}     # device may change; the others come from the data
+    differ = [k for k in wanted if k not in derived and saved[k] != wanted[k]]
     if differ:
         k = differ[0]
         raise TrainError(f"{ckpt_path}: --resume with a different configuration than the run's "
@@ -208,52 +208,32 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     proc = start_process(cfg)
     spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed)
     cfg.num_classes, cfg.input_shape = spec.num_classes, spec.input_shape
-
     torch.manual_seed(cfg.seed)
-    if state is not None:
-        model, method, _ = restore_model(state, ckpt_path)
-        start_epoch, history = state["epoch"] + 1, state["history"]
-    else:
+    if state is None:
         model, method = build(cfg)
-        start_epoch, history = 0, []
         calibrate(model, spec)
+        start_epoch, history = 0, []
         if proc.main:
             clear_reports(out)
+    else:
+        model, method, _ = restore_model(state, ckpt_path)
+        start_epoch, history = state["epoch"] + 1, state["history"]
     model.to(proc.device)
-    net = model
-    if proc.world > 1:   # unused parameters: the mask logits while the mask is frozen
-        net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-
-    gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = None
-    if proc.world > 1:
-        sampler = torch.utils.data.DistributedSampler(spec.train, proc.world, proc.rank, shuffle=True,
-                                                      seed=cfg.seed, drop_last=True)
-    drop_last = len(spec.train) // proc.world > cfg.batch_size
-    train_loader = torch.utils.data.DataLoader(spec.train, cfg.batch_size, shuffle=sampler is None,
-                                               sampler=sampler, generator=gen, drop_last=drop_last)
+    # under DDP the mask logits are unused parameters while the mask is frozen (finetune)
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if proc.world > 1 else model
+    train_loader, reseed = make_train_loader(spec, cfg, proc)
     test_loader = torch.utils.data.DataLoader(spec.test, 512)
     steps = len(train_loader)
     opts = make_optimizers(model, cfg)
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps, cfg)) for k, o in opts.items()}
     if state is not None:
-        try:
-            for k in opts:
-                opts[k].load_state_dict(state["optimizers"][k])
-                scheds[k].load_state_dict(state["schedulers"][k])
-        except (KeyError, ValueError, RuntimeError) as e:
-            raise TrainError(f"{ckpt_path}: optimizer state does not match the model ({str(e)[:120]})") from None
+        restore_optimizers(opts, scheds, state, ckpt_path)
     nan_step = int(os.environ.get(NAN_AT_STEP_ENV, "-1"))
 
-    total = cfg.epochs
-    bar = tqdm(range(start_epoch, total), desc=f"{cfg.method} {cfg.model}", unit="epoch",
-               initial=start_epoch, total=total, disable=not proc.main)
+    bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} {cfg.model}", unit="epoch",
+               initial=start_epoch, total=cfg.epochs, disable=not proc.main)
     for epoch in bar:
-        # every random stream is a function of (seed, epoch): a resumed run repeats it exactly
-        torch.manual_seed(cfg.seed * 100003 + epoch * 101 + proc.rank)
-        gen.manual_seed(cfg.seed * 100003 + epoch)
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+        reseed(epoch)
         net.train()
         method.harden(False)
         loss_sum, reg_sum, t0 = 0.0, 0.0, time.time()
@@ -280,11 +260,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
                                time.time() - t0, opts["sgd"])
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.1f}", bits=f"{row['avg_precision']:.2f}")
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                         "config": cfg.to_dict(), "epoch": epoch, "history": history,
-                         "optimizers": {k: o.state_dict() for k, o in opts.items()},
-                         "schedulers": {k: s.state_dict() for k, s in scheds.items()}}, ckpt_path)
+            save_checkpoint(ckpt_path, model, cfg, epoch, history, opts, scheds)
         if proc.world > 1:
             dist.barrier()
     metrics = None
@@ -297,6 +273,44 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+def make_train_loader(spec, cfg: TrainConfig, proc: Proc):
+    """The shuffled training loader (sharded under DDP) and reseed(epoch): every random stream
+    of an epoch (order, augmentation) is a function of (seed, epoch), so a resumed run repeats
+    the epochs it has not done yet exactly."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = None
+    if proc.world > 1:
+        sampler = torch.utils.data.DistributedSampler(spec.train, proc.world, proc.rank, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
+    drop_last = len(spec.train) // proc.world > cfg.batch_size
+    loader = torch.utils.data.DataLoader(spec.train, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                                         generator=gen, drop_last=drop_last)
+
+    def reseed(epoch: int):
+        torch.manual_seed(cfg.seed * 100003 + epoch * 101 + proc.rank)     # augmentation
+        gen.manual_seed(cfg.seed * 100003 + epoch)                         # order
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+    return loader, reseed
+
+
+def restore_optimizers(opts: dict, scheds: dict, state: dict, ckpt_path: Path):
+    try:
+        for k in opts:
+            opts[k].load_state_dict(state["optimizers"][k])
+            scheds[k].load_state_dict(state["schedulers"][k])
+    except (KeyError, ValueError, RuntimeError) as e:
+        raise TrainError(f"{ckpt_path}: optimizer state does not match the model ({str(e)[:120]})") from None
+
+
+def save_checkpoint(path: Path, model, cfg: TrainConfig, epoch: int, history: list, opts: dict, scheds: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 "config": cfg.to_dict(), "epoch": epoch, "history": history,
+                 "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                 "schedulers": {k: s.state_dict() for k, s in scheds.items()}}, path)
 
 
 REPORTS = ("checkpoint.pt", "metrics.json", "history.csv", "precision.png", "bits.png")
@@ -379,7 +393,8 @@ def summarize(model, method, cfg, history, spec) -> dict:
         "avg_bits": sum(r["precision"] for r in layers) / len(layers),
         "avg_bits_weighted": sum(r["params"] * r["precision"] for r in layers) / params,
         "storage_bits": storage, "compression": 32.0 / storage, "params": params,
-        "epochs": len(history), "train_seconds": round(sum(h["seconds"] for h in history), 2),
+        "epochs": len(history), "search_epochs": cfg.search(), "finetune_epochs": cfg.finetune(),
+        "train_seconds": round(sum(h["seconds"] for h in history), 2),
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
         "layers": layers,
     }
@@ -409,6 +424,8 @@ def plot(out: Path, metrics: dict, history: list):
     ax.plot(epochs, [h["avg_precision"] for h in history], "k", lw=2.5, label="average")
     if metrics["method"] == "csq":
         ax.axhline(metrics["target_bits"], color="r", ls="--", lw=1, label="target")
+        if metrics["finetune_epochs"]:
+            ax.axvline(metrics["search_epochs"] + 0.5, color="gray", ls=":", lw=1, label="mask frozen (finetune)")
     ax.set(xlabel="epoch", ylabel="precision (kept bits)", ylim=(-0.2, 8.5),
            title=f"{metrics['method']} {metrics['model']}: per-layer precision")
     ax.legend(fontsize=7, ncol=2)

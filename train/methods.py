@@ -65,17 +65,19 @@ def initial_bits(target: float, params: list) -> list:
 
 
 @torch.no_grad()
-def keep_min_bits(layer, k: int):
+def keep_min_bits(layer, k: int, margin: float):
     """Guard, not part of the paper's formula: a layer keeps at least k bits. A BN-followed
     layer's last bit is a pure scale factor, invisible to the task loss while its gate is
     soft, so the budget term can switch it off for free; the hardened layer is then all
     zeros and a plain CNN is dead. If fewer than k mask logits are >= 0, the largest negative
-    ones are lifted to 0 (kept, the nearest feasible point). k = 0 disables the guard."""
+    ones are set to +margin (where kept bits start): not to 0, where the gate is most
+    sensitive and the lifted bit would keep flickering, and late in the search (large beta)
+    soak up most of the budget term's push. k = 0 disables the guard."""
     logits = layer.bit_mask_logits
     missing = k - int((logits >= 0).sum())
     if missing > 0:
         order = torch.argsort(torch.where(logits >= 0, -float("inf"), logits), descending=True)
-        logits[order[:missing]] = 0.0
+        logits[order[:missing]] = margin
 
 
 class CSQ(Method):
@@ -137,10 +139,10 @@ class CSQ(Method):
         self.beta = float(self.beta_max ** min(t / max(span, 1), 1.0))
         self.mask_frozen = finetune
         for layer in self.layers():
+            if not bool(layer.mask_frozen):    # while the mask can move, and as it is frozen
+                keep_min_bits(layer, self.min_layer_bits, self.mask_init)
             layer.beta.fill_(self.beta)
             layer.mask_frozen.fill_(finetune)
-            if not finetune:
-                keep_min_bits(layer, self.min_layer_bits)
 
     def precision_counts(self) -> torch.Tensor:
         """Kept bits per layer (hard count), as a tensor: no host sync in the training step."""

@@ -144,26 +144,27 @@ def _planes(v: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 def _signed_digits(v: torch.Tensor) -> torch.Tensor:
-    """Binary digits of a non-negative or non-positive integer tensor, [8, *shape], sign kept."""
-    mag = v.abs()
-    bits = (mag.unsqueeze(0) >> _planes(torch.arange(N_BITS, device=v.device), v.ndim)) & 1
-    return bits.float() * torch.sign(v).unsqueeze(0).float()
+    """Binary digits of an integer tensor |v| < 256, [8, *shape] int8, each with v's sign."""
+    mag = v.abs().to(torch.int32)
+    bits = ((mag.unsqueeze(0) >> _planes(torch.arange(N_BITS, dtype=torch.int32, device=v.device), v.ndim)) & 1)
+    return bits.to(torch.int8) * torch.sign(v).unsqueeze(0).to(torch.int8)
 
 
 def best_clip(w: torch.Tensor, bits: int) -> torch.Tensor:
     """The clip c minimizing ||w - Q(w)||^2 for Q: round |w|/c to `bits` magnitude bits,
     saturating at c (sign kept). A coarse grid over fractions of max|w| is plenty."""
     wmax = w.abs().max().clamp_min(1e-8)
-    if bits >= N_BITS:
-        return wmax
-    if bits <= 0:
+    if bits >= N_BITS or bits <= 0:
         return wmax
     levels = 2 ** bits - 1
+    mag = w.abs().flatten()
+    if mag.numel() > 65536:                 # a strided sample estimates the error just as well
+        mag = mag[:: mag.numel() // 65536]
     best, best_err = wmax, None
     for frac in torch.linspace(0.05, 1.0, 40):
         c = wmax * frac
-        q = torch.clamp(torch.round(w.abs() / c * levels), max=levels) * c / levels
-        err = ((w.abs() - q) ** 2).sum()
+        q = torch.clamp(torch.round(mag / c * levels), max=levels) * c / levels
+        err = ((mag - q) ** 2).sum()
         if best_err is None or err < best_err:
             best, best_err = c, err
     return best
@@ -230,7 +231,8 @@ class CSQMixin:
         digit contributes sig(-c) - sig(-c) = 0 exactly.
 
         init_bits=None: all 8 bits kept (m_B = +mask_init), clip = max|w|: the relaxed weight
-        is the 8-bit rounding of w.
+        is the 8-bit rounding of w. (mask_init = 0 is the paper code's start: every gate at 1/2,
+        every bit counted as kept.)
         init_bits=k < 8: the layer starts at a k-bit budget. The top k bits hold w rounded to
         k bits with the clip that minimizes the k-bit rounding error; the low 8-k bits hold the
         signed remainder. m_B = +mask_init on the top k bits, -mask_init below, so the hard
@@ -247,11 +249,11 @@ class CSQMixin:
         clip = best_clip(w, k)
         v = torch.round(torch.clamp(w.abs() / clip, max=1.0) * (2 ** N_BITS - 1))
         top = torch.clamp(torch.round(v / 2 ** low), max=2 ** k - 1) * 2 ** low
-        digits = _signed_digits(top.long()) + _signed_digits((v - top).long())   # [8, *shape] in {-1,0,1}
-        digits = digits * torch.sign(w).unsqueeze(0)
+        digits = _signed_digits(top) + _signed_digits(v - top)          # [8, *shape] in {-1,0,1}
+        digits *= torch.sign(w).unsqueeze(0).to(torch.int8)
         c = float(init_logit)
-        self.bit_logits_pos = nn.Parameter(torch.where(digits > 0, c, -c).float())
-        self.bit_logits_neg = nn.Parameter(torch.where(digits < 0, c, -c).float())
+        self.bit_logits_pos = nn.Parameter(torch.where(digits > 0, c, -c).to(torch.float32))
+        self.bit_logits_neg = nn.Parameter(torch.where(digits < 0, c, -c).to(torch.float32))
         mask = torch.where(torch.arange(N_BITS, device=w.device) >= low, 1.0, -1.0) * float(mask_init)
         self.bit_mask_logits = nn.Parameter(mask)
         with torch.no_grad():
