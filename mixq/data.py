@@ -36,6 +36,7 @@ class DataSpec:
     train: torch.utils.data.Dataset
     test: torch.utils.data.Dataset
     augment: object = None          # batch-level train augmentation on tensors, or None
+    workers: int = 0                # DataLoader worker processes (files decoded per item: > 0)
 
 
 def cache_dir() -> Path:
@@ -211,4 +212,4 @@ def _imagenet(data_dir: str | None) -> DataSpec:
             raise DataError(f"--data-dir {data_dir}: missing {d.name}/")
     train = datasets.ImageFolder(root / "train", T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(), norm]))
     test = datasets.ImageFolder(val, T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), norm]))
-    return DataSpec("imagenet", len(train.classes), (3, 224, 224), train, test)
+    return DataSpec("imagenet", len(train.classes), (3, 224, 224), train, test, workers=min(8, os.cpu_count() or 1))

@@ -114,7 +114,7 @@ def test_negative_scale_is_reported_positive():
 def test_frozen_mask_is_an_exact_step_and_gets_no_gradient():
     layer = csq_conv()
     set_mask(layer, {5, 6, 7})
-    layer.mask_frozen.fill_(True)
+    layer.freeze_mask(True)
     layer.beta.fill_(1.0)
     w = layer.csq_weight()
     pos, neg = layer.bit_logits_pos, layer.bit_logits_neg
@@ -338,3 +338,12 @@ def test_zoo_models_quantize_every_layer_and_train(name, shape, n):
                                             ("resnet50", (3, 64, 64), 54)])
 def test_big_zoo_models_quantize_every_layer_and_train(name, shape, n):
     _zoo_check(name, shape, n)
+
+
+def test_frozen_flag_follows_a_loaded_state_dict():
+    layer = csq_conv()
+    layer.freeze_mask(True)
+    other = csq_conv(seed=1)
+    assert not other.frozen
+    other.load_state_dict(layer.state_dict())
+    assert other.frozen and torch.equal(other.csq_weight(), layer.csq_weight())

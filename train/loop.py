@@ -222,7 +222,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     # under DDP the mask logits are unused parameters while the mask is frozen (finetune)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if proc.world > 1 else model
     train_loader, reseed = make_train_loader(spec, cfg, proc)
-    test_loader = torch.utils.data.DataLoader(spec.test, 512)
+    test_loader = torch.utils.data.DataLoader(spec.test, 512, num_workers=spec.workers)
     steps = len(train_loader)
     opts = make_optimizers(model, cfg)
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps, cfg)) for k, o in opts.items()}
@@ -286,7 +286,8 @@ def make_train_loader(spec, cfg: TrainConfig, proc: Proc):
                                                       seed=cfg.seed, drop_last=True)
     drop_last = len(spec.train) // proc.world > cfg.batch_size
     loader = torch.utils.data.DataLoader(spec.train, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                                         generator=gen, drop_last=drop_last)
+                                         generator=gen, drop_last=drop_last, num_workers=spec.workers,
+                                         pin_memory=proc.device.type == "cuda", persistent_workers=spec.workers > 0)
 
     def reseed(epoch: int):
         torch.manual_seed(cfg.seed * 100003 + epoch * 101 + proc.rank)     # augmentation
@@ -361,24 +362,28 @@ def epoch_report(model, method, test_loader, device, epoch, steps, loss_sum, reg
 
 # ----------------------------------------------------------------------------- reports
 def integer_accuracy(model, cfg, spec) -> dict:
-    """Top-1 of the frozen integer program (mixq.intsim, the deployed semantics) and how often
-    its class agrees with the hardened fake-quant model's, image by image."""
+    """Top-1 of the frozen integer program (mixq.intsim: the deployed semantics, input
+    quantized as the runtime does) and how often its class agrees with the hardened fake-quant
+    model's, image by image."""
     if cfg.act_bits >= 32:
         return {"int_accuracy": None, "int_agreement": None, "int_note": "float activations: no integer program"}
     from mixq import graph as G
     from mixq.freeze import freeze_model
     from mixq.intsim import IntSim
-    x, y = datasets.test_arrays(spec)
-    model.eval()
-    with torch.no_grad():
-        fake = torch.cat([model(torch.from_numpy(x[i:i + 512])).argmax(1) for i in range(0, len(x), 512)]).numpy()
     try:
         sim = IntSim(freeze_model(model, cfg.model, tuple(cfg.input_shape)))
     except ValueError as e:     # FreezeError: report it, the trained model is still valid
         return {"int_accuracy": None, "int_agreement": None, "int_note": f"freeze failed: {e}"}
-    xq = G.quantize_input(sim.graph.input, x)
-    pred = torch.cat([sim(xq[i:i + 512]).argmax(1) for i in range(0, len(x), 512)]).numpy()
-    return {"int_accuracy": 100.0 * float((pred == y).mean()), "int_agreement": 100.0 * float((pred == fake).mean())}
+    model.eval()
+    right = agree = total = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(spec.test, 256, num_workers=spec.workers):
+            fake = model(x).argmax(1)
+            pred = sim(G.quantize_input(sim.graph.input, x.numpy())).argmax(1)
+            right += int((pred == y).sum())
+            agree += int((pred == fake).sum())
+            total += len(y)
+    return {"int_accuracy": 100.0 * right / total, "int_agreement": 100.0 * agree / total}
 
 
 def summarize(model, method, cfg, history, spec) -> dict:

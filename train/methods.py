@@ -138,11 +138,14 @@ class CSQ(Method):
         t, span = (epoch - self.epochs, self.finetune_epochs) if finetune else (epoch, self.epochs)
         self.beta = float(self.beta_max ** min(t / max(span, 1), 1.0))
         self.mask_frozen = finetune
-        for layer in self.layers():
-            if not bool(layer.mask_frozen):    # while the mask can move, and as it is frozen
-                keep_min_bits(layer, self.min_layer_bits, self.mask_init)
+        layers = self.layers()
+        if self.min_layer_bits and not layers[0].frozen:      # while the mask can move, and as it is frozen
+            short = (self.precision_counts() < self.min_layer_bits).nonzero().flatten().tolist()   # one sync
+            for i in short:
+                keep_min_bits(layers[i], self.min_layer_bits, self.mask_init)
+        for layer in layers:
             layer.beta.fill_(self.beta)
-            layer.mask_frozen.fill_(finetune)
+            layer.freeze_mask(finetune)
 
     def precision_counts(self) -> torch.Tensor:
         """Kept bits per layer (hard count), as a tensor: no host sync in the training step."""

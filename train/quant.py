@@ -103,6 +103,7 @@ class ActQuant(nn.Module):
         self.bits = bits
         self.alpha = nn.Parameter(torch.tensor(6.0))
         self.register_buffer("initialized", torch.tensor(False))
+        self.ready = False
 
     @property
     def levels(self) -> int:
@@ -114,12 +115,13 @@ class ActQuant(nn.Module):
     def forward(self, x):
         if self.bits >= 32:
             return F.relu(x)
-        if self.training and not bool(self.initialized):
+        if self.training and not self.ready and not bool(self.initialized):
             with torch.no_grad():
                 v = F.relu(x.detach()).flatten()
                 q = torch.quantile(v[torch.randperm(v.numel(), device=v.device)[:100000]].float(), 0.999)
                 self.alpha.fill_(max(float(q), 1e-3))
                 self.initialized.fill_(True)
+        self.ready = self.ready or self.training          # checked the buffer once: no sync per step
         return _PACTQuant.apply(x, self.alpha.abs() + 1e-8, self.levels)
 
     def extra_repr(self):
@@ -262,7 +264,16 @@ class CSQMixin:
         self.scale = nn.Parameter(fit.clamp_min(1e-8).reshape(()).float())
         self.register_buffer("beta", torch.tensor(1.0, device=w.device))
         self.register_buffer("mask_frozen", torch.tensor(False, device=w.device))
+        self.frozen = False       # mirrors the mask_frozen buffer without a device sync per step
         self.hard = False
+
+    def freeze_mask(self, frozen: bool):
+        self.mask_frozen.fill_(frozen)
+        self.frozen = frozen
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.frozen = bool(self.mask_frozen)
 
     def kept_mask(self) -> torch.Tensor:
         """[8] bool: the bit positions the layer keeps, m_B[b] >= 0 (the paper's hard count)."""
@@ -271,7 +282,7 @@ class CSQMixin:
     def csq_weight(self):
         if self.hard:
             return self.hard_weight()
-        if bool(self.mask_frozen):
+        if self.frozen:
             # finetune: the mask is a fixed unit step, the bit logits keep their sigmoids
             frozen = torch.where(self.kept_mask(), 1e4, -1e4)      # sig(beta * +-1e4) == 1 / 0 exactly
             return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, frozen, self.scale, self.beta)
