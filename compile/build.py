@@ -157,21 +157,29 @@ def sha256_file(path) -> str:
 
 # ----------------------------------------------------------------------------- compile
 # Whole-graph strategies, tried in order before the per-op lowering table (compile/lower.py):
-# `fn(graph, target) -> (IRModule, info) | None`, None (or raising lower.Unsupported) when the
-# graph or target is outside the strategy. The IRModule has `main(x)`; info may say
+# `fn(graph, target, **options) -> (IRModule, info) | None`, None (or raising lower.Unsupported)
+# when the graph or target is outside the strategy; `options` are the fast-path options of
+# `mixq compile` (batch, tune_trials, tune_db, tune_board). The IRModule has `main(x)`; info may say
 # {"strategy": name, "batch": B} for a fixed batch B (default: a symbolic batch). Kernels
 # the strategy schedules itself carry the PrimFunc attribute "tirx.is_scheduled".
-GRAPH_STRATEGIES: list = []
+def _packed_fast_path(graph: G.IntGraph, target, **options):
+    """The whole graph in packed NCHW16c on int8 dot products (compile/packed.py: x86
+    AVX512-VNNI/AVX2, aarch64 sdot/NEON), chosen from the target's CPU features."""
+    from mixq.compile import packed
+    return packed.lower_fast(graph, target, **options)
 
 
-def lower_module(graph: G.IntGraph, target, strategy: str = "auto"):
+GRAPH_STRATEGIES: list = [_packed_fast_path]
+
+
+def lower_module(graph: G.IntGraph, target, strategy: str = "auto", options: dict | None = None):
     """(IRModule, info): the first whole-graph strategy that takes the graph, else the per-op
     table with the generic schedule (`strategy="default"` skips the whole-graph ones)."""
     from mixq.compile import lower, schedule
     if strategy == "auto":
         for fn in GRAPH_STRATEGIES:
             try:
-                found = fn(graph, target)
+                found = fn(graph, target, **(options or {}))
             except lower.Unsupported:
                 found = None
             if found is not None:
@@ -181,16 +189,18 @@ def lower_module(graph: G.IntGraph, target, strategy: str = "auto"):
                                                    "lowerings": chosen}
 
 
-def build_library(graph: G.IntGraph, target, strategy: str = "auto"):
+def build_library(graph: G.IntGraph, target, strategy: str = "auto", options: dict | None = None):
     """(Relax executable, info) for `graph` on `target`."""
     import tvm
-    from tvm import relax
 
-    mod, info = lower_module(graph, target, strategy)
+    from mixq.compile.packed import relax_pipeline
+
+    mod, info = lower_module(graph, target, strategy, options)
     # "default_build": legalize and lower, no operator fusion; every kernel already carries
-    # its own epilogue and its schedule
+    # its own epilogue and its schedule. relax_pipeline() adds a workaround for a TVM codegen
+    # slowdown of every kernel when the batch is symbolic (see packed.py)
     with target:
-        ex = tvm.compile(mod, target, relax_pipeline=relax.get_pipeline("default_build"))
+        ex = tvm.compile(mod, target, relax_pipeline=relax_pipeline())
     return ex, info
 
 
@@ -202,7 +212,8 @@ def export(ex, path: Path, compiler: str | None):
         ex.export_library(str(path), fcompile=tvm.support.cc.cross_compiler(compiler))
 
 
-def compile_frozen(frozen_dir, target_spec: str, out_dir, strategy: str = "auto", log=print) -> dict:
+def compile_frozen(frozen_dir, target_spec: str, out_dir, strategy: str = "auto", log=print,
+                   options: dict | None = None) -> dict:
     """Compile FROZEN_DIR for --target into BUILD_DIR; returns the deploy.json record."""
     import tvm
 
@@ -215,7 +226,7 @@ def compile_frozen(frozen_dir, target_spec: str, out_dir, strategy: str = "auto"
     manifest_hash = G.manifest_sha256(frozen_dir)
 
     t0 = time.time()
-    ex, info = build_library(graph, target, strategy)
+    ex, info = build_library(graph, target, strategy, options)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

@@ -31,6 +31,7 @@ space is the hand schedule with sampled tile sizes, so every candidate stays ten
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -65,6 +66,11 @@ class Strategy:
 
 
 # ----------------------------------------------------------------------------- helpers
+def _dims(shape):
+    """A kernel's shape with batch None (the symbolic batch) as a TIR variable."""
+    return tuple(te.var("n", "int64") if d is None else d for d in shape)
+
+
 def _chunks(channels: int, block: int = BLOCK) -> int:
     return -(-channels // block)
 
@@ -150,7 +156,7 @@ class ConvKernel:
     `acc` sums stored inputs; the lowering folds the input offset into the bias."""
     tunable = True          # class attribute (not a field): MetaSchedule tunes these
     strategy: Strategy
-    batch: int
+    batch: int | None       # None: any batch (a symbolic dimension)
     in_dtype: str
     in_chunks: int
     in_block: int
@@ -174,11 +180,11 @@ class ConvKernel:
     @property
     def macs(self) -> int:
         ho, wo = self.out_hw
-        return (self.batch * self.out_chunks * BLOCK * ho * wo * self.in_chunks * self.in_block
+        return ((self.batch or 1) * self.out_chunks * BLOCK * ho * wo * self.in_chunks * self.in_block
                 * self.kernel ** 2 * self.parts)
 
     def tensors(self):
-        n, b, k, s, p = self.batch, self.in_block, self.kernel, self.stride, self.padding
+        (n,), b, k, s, p = _dims((self.batch,)), self.in_block, self.kernel, self.stride, self.padding
         st = self.strategy
         ho, wo = self.out_hw
         data = te.placeholder((n, self.in_chunks, self.height, self.width, b), self.in_dtype, name="data")
@@ -259,10 +265,11 @@ class ConvKernel:
         """The hand schedule (tiles=None: `default_tiles`); tiles="sample" makes the tile
         sizes MetaSchedule decisions.
 
-        One parallel task per image and oh_inner output rows: it pads the input rows it needs
-        into a small thread-local buffer (no separate padding pass), then walks output-channel
-        chunks and column tiles; a tile keeps parts x oc_inner x oh_inner x ow_inner x 16/lanes
-        vector accumulators while the reduction runs, then the fused epilogue writes them."""
+        One parallel task per oh_inner output rows, for each image: it pads the input rows it
+        needs into a small thread-local buffer (no separate padding pass), then walks
+        output-channel chunks and column tiles; a tile keeps parts x oc_inner x oh_inner x
+        ow_inner x 16/lanes vector accumulators while the reduction runs, then the fused
+        epilogue writes them."""
         st = self.strategy
         conv = sch.get_sblock("conv")
         n, oc, oh, ow, ob, ico, kh, kw, icf, ics = sch.get_loops(conv)
@@ -278,11 +285,13 @@ class ConvKernel:
             owo, owi = sch.split(ow, [None, ow_inner])
         obo, obi = sch.split(ob, [None, st.lanes])
         reduction = (ico, kh, kw, icf) if order == "ic-outer" else (kh, kw, ico, icf)
-        sch.reorder(n, oho, oco, owo, *reduction, part, oci, ohi, owi, obo, obi, ics)
+        # images inside the row tasks, not fused with them: a symbolic batch cannot be fused
+        # (tensorize needs affine bindings), and one loop nest serves both
+        sch.reorder(oho, n, oco, owo, *reduction, part, oci, ohi, owi, obo, obi, ics)
         sch.reverse_compute_at(sch.get_sblock("epilogue"), owo, preserve_unit_loops=True)
-        row = sch.fuse(n, oho)
-        if self.batch * self.out_hw[0] > 1:     # a 1-task "parallel" loop still wakes the pool
-            sch.parallel(row)
+        row = n
+        if self.out_hw[0] > 1:      # one task: don't wake the thread pool
+            sch.parallel(oho)
         if self.padding:
             pad = sch.get_sblock("pad")
             sch.compute_at(pad, row, preserve_unit_loops=True)
@@ -311,8 +320,8 @@ class PackInputKernel:
     offset: int
 
     def tensors(self):
-        n, c, h, w = self.shape
-        x = te.placeholder(self.shape, self.dtype, name="x")
+        n, c, h, w = _dims(self.shape)
+        x = te.placeholder((n, c, h, w), self.dtype, name="x")
 
         def f(i, cc, y, z, cb):
             ch = cc * self.block + cb
@@ -337,7 +346,7 @@ class UnpackOutputKernel:
     offset: int
 
     def tensors(self):
-        n, c, h, w = self.shape
+        n, c, h, w = _dims(self.shape)
         x = te.placeholder((n, _chunks(c, self.block), h, w, self.block), self.dtype, name="x")
         value = lambda v: (_value(v, self.offset)).astype(self.out_dtype) if self.offset else v.astype(self.out_dtype)
         if self.flat:
@@ -361,7 +370,7 @@ class FlattenKernel:
     pad_value: int
 
     def tensors(self):
-        n, c, h, w = self.shape
+        n, c, h, w = _dims(self.shape)
         feat = c * h * w
         x = te.placeholder((n, _chunks(c, self.block), h, w, self.block), self.dtype, name="x")
 
@@ -387,8 +396,9 @@ class AddKernel:
     out_offset: int
 
     def tensors(self):
+        shape = _dims(self.shape)
         pc = (self.shape[1], BLOCK)
-        ins = [(te.placeholder(self.shape, d, name=f"x{i}"), te.placeholder(pc, "int32", name=f"mult{i}"),
+        ins = [(te.placeholder(shape, d, name=f"x{i}"), te.placeholder(pc, "int32", name=f"mult{i}"),
                 te.placeholder(pc, "int32", name=f"shift{i}"), off) for i, (d, off) in enumerate(self.inputs)]
 
         def f(i, c, y, z, b):
@@ -397,7 +407,7 @@ class AddKernel:
                 r = _rq(_value(x[i, c, y, z, b], off), m[c, b], s[c, b])
                 total = r if total is None else total + r
             return _store(total, self.out_bits, self.out_dtype, self.out_offset)
-        out = te.compute(self.shape, f, name="add")
+        out = te.compute(shape, f, name="add")
         return [t for group in ins for t in group[:3]] + [out]
 
     def schedule(self, sch, tiles=None):
@@ -418,10 +428,10 @@ class PoolKernel:
     out_bits: int
 
     def tensors(self):
-        n, cc, h, w, b = self.shape
+        n, cc, h, w, b = _dims(self.shape)
         k, s, p = self.kernel, self.stride, self.padding
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-        x = te.placeholder(self.shape, self.dtype, name="x")
+        x = te.placeholder((n, cc, h, w, b), self.dtype, name="x")
         xp = topi.nn.pad(x, (0, 0, p, p, 0), (0, 0, p, p, 0), pad_value=self.offset, name="pad") if p else x
         ry, rx = te.reduce_axis((0, k), "ry"), te.reduce_axis((0, k), "rx")
         if self.kind == "maxpool":          # max commutes with the offset
@@ -455,6 +465,8 @@ PARALLEL_MIN_ELEMENTS = 1 << 15      # below this, waking the thread pool costs 
 
 
 def _worth_threads(shape) -> bool:
+    if any(d is None or not isinstance(d, (int, tirx.IntImm)) for d in shape):
+        return True                       # symbolic batch: could be large
     return int(np.prod([int(d) for d in shape])) >= PARALLEL_MIN_ELEMENTS
 
 
@@ -478,13 +490,18 @@ def is_tunable(kernel) -> bool:
     return getattr(kernel, "tunable", False)
 
 
-def scheduled(kernel, target, database=None) -> tuple[tirx.PrimFunc, str]:
-    """(PrimFunc, "tuned" | "hand"): a tuning record when the database has one, else the
-    hand schedule."""
+def scheduled(kernel, target, database=None, tuned_batch: int = 1) -> tuple[tirx.PrimFunc, str]:
+    """(PrimFunc, "tuned" | "hand"): the best tuning record's schedule when the database has
+    one, else the hand schedule. Records are for a fixed batch; a symbolic-batch kernel takes
+    the schedule tuned at `tuned_batch` (its loops are the same, only the batch extent
+    differs)."""
     mod = tvm.IRModule({"main": prim_func(kernel)})
     if database is not None and is_tunable(kernel):
-        sch = database.query_schedule(mod, target=target, workload_name="main")
-        if sch is not None:
+        key = kernel if kernel.batch is not None else dataclasses.replace(kernel, batch=tuned_batch)
+        record = database.query_tuning_record(tvm.IRModule({"main": prim_func(key)}), target, "main")
+        if record is not None:
+            sch = Schedule(mod)
+            record.trace.apply_to_schedule(sch, remove_postproc=False)
             return sch.mod["main"], "tuned"
     sch = Schedule(mod)
     kernel.schedule(sch)
@@ -518,8 +535,11 @@ class PackedLowering:
     After build(): `kernels` maps each distinct kernel to its GlobalVar, `uses` counts calls,
     `schedules` says "tuned" or "hand" per kernel."""
 
-    def __init__(self, graph: G.IntGraph, batch: int, strategy: Strategy, target, database=None):
+    def __init__(self, graph: G.IntGraph, batch: int | None, strategy: Strategy, target, database=None,
+                 tuned_batch: int = 1):
         self.graph, self.batch, self.target, self.database = graph, batch, target, database
+        self.tuned_batch = batch or tuned_batch
+        self.n = tirx.Var("n", "int64") if batch is None else batch    # Relax's batch dimension
         self.strategy = strategy
         self.bb = relax.BlockBuilder()
         self.kernels, self.schedules, self.uses = {}, {}, {}
@@ -560,18 +580,19 @@ class PackedLowering:
     def _call(self, kernel, args, out_shape, out_dtype, name):
         gv = self.kernels.get(kernel)
         if gv is None:
-            func, how = scheduled(kernel, self.target, self.database)
+            func, how = scheduled(kernel, self.target, self.database, self.tuned_batch)
             fname = f"k{len(self.kernels)}_{type(kernel).__name__}"
             func = func.with_attrs({"global_symbol": fname, "tirx.is_scheduled": True})
             gv = self.bb.add_func(func, fname)
             self.kernels[kernel], self.schedules[kernel] = gv, how
         self.uses[kernel] = self.uses.get(kernel, 0) + 1
+        out_shape = tuple(self.n if d is None else d for d in out_shape)
         return self.bb.emit(relax.call_tir(gv, args, relax.TensorType(out_shape, out_dtype)),
                             name_hint=name.replace(".", "_"))
 
     def build(self) -> tvm.IRModule:
-        g, n = self.graph, self.batch
-        x = relax.Var("x", relax.TensorType((n, *g.input.shape), g.input.dtype))
+        g = self.graph
+        x = relax.Var("x", relax.TensorType((self.n, *g.input.shape), g.input.dtype))
         fused = {}                  # raw conv output -> the add computed in its epilogue
         for op in g.ops:
             if op.kind == "add":
@@ -760,10 +781,28 @@ def tunable_kernels(graph: G.IntGraph, batch: int, strategy: Strategy, target) -
     return {k: n * k.macs for k, n in lowering.uses.items() if is_tunable(k)}
 
 
+@tvm.transform.module_pass(opt_level=0, name="MarkSingleBufferFuncsNoAlias")
+def mark_single_buffer_funcs_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Works around TVM 0.27's LLVM codegen letting the last PrimFunc of a module decide
+    whether *every* function is compiled with `tirx.noalias`: with a symbolic batch, Relax adds
+    a `shape_func` (no noalias, sorted after our kernels) and the kernels run ~4x slower
+    (measured). A function with one buffer parameter cannot alias, so marking it is exact."""
+    updated = {gv: f.with_attr("tirx.noalias", True) for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and not f.attrs.get("tirx.noalias", False)
+               and len(f.params) <= 1}
+    for gv, f in updated.items():
+        mod[gv] = f
+    return mod
+
+
+def relax_pipeline():
+    """Relax build without the fusion passes (every kernel is already scheduled)."""
+    return tvm.transform.Sequential([relax.get_pipeline("default_build"), mark_single_buffer_funcs_noalias])
+
+
 def compile_module(mod: tvm.IRModule, target) -> relax.VMExecutable:
-    """Relax build without the fusion passes: every kernel is already scheduled."""
     with target:
-        return tvm.compile(mod, target, relax_pipeline=relax.get_pipeline("default_build"))
+        return tvm.compile(mod, target, relax_pipeline=relax_pipeline())
 
 
 def strategy_for(target) -> Strategy | None:
@@ -775,21 +814,24 @@ def strategy_for(target) -> Strategy | None:
         return None
 
 
-def lower_fast(graph: G.IntGraph, target, batch: int = 1, tune_trials: int = 0, tune_db=None,
+def lower_fast(graph: G.IntGraph, target, batch: int | None = None, tune_trials: int = 0, tune_db=None,
                tune_board: str | None = None, log=print):
     """`mixq compile`'s fast path: (IRModule, info), or None when the target or the graph is
-    outside it (info["reason"] is then logged). With tune_trials, MetaSchedule first tunes
-    the conv kernels into `tune_db` (on `tune_board` over RPC when given); records already in
-    `tune_db` are used either way."""
+    outside it (the reason is logged). batch None: the program takes any batch; an int fixes
+    it. With tune_trials, MetaSchedule first tunes the conv kernels (at `batch`, or 1) into
+    `tune_db`, on `tune_board` over RPC when given; records already in `tune_db` are used
+    either way."""
     import time
 
     from mixq.compile import tune
     strategy = strategy_for(target)
     if strategy is None:
-        log(f"fast path: target has no int8 dot-product strategy (x86 AVX512-VNNI/AVX2, aarch64 NEON)")
+        log("fast path: the target has no int8 dot-product strategy (x86 AVX512-VNNI/AVX2, aarch64 "
+            "NEON); default lowering")
         return None
+    tuned_batch = batch or 1
     try:
-        kernels = tunable_kernels(graph, batch, strategy, target)
+        kernels = tunable_kernels(graph, tuned_batch, strategy, target)
     except Unsupported as e:
         log(f"fast path: not used ({e}); default lowering")
         return None
@@ -802,7 +844,9 @@ def lower_fast(graph: G.IntGraph, target, batch: int = 1, tune_trials: int = 0, 
         tune.tune_kernels(kernels, target, tune_trials, tune_db, runner=runner)
         info.update(tune_trials=tune_trials, tune_seconds=round(time.time() - t0, 1))
     database = tune.open_database(tune_db) if tune_db else None
-    mod, report = lower_graph(graph, batch, strategy, target, database)
-    info.update(kernels=report["kernels"], tuned_kernels=report["tuned_kernels"],
+    lowering = PackedLowering(graph, batch, strategy, target, database, tuned_batch)
+    mod = lowering.build()
+    info.update(kernels=len(lowering.kernels), tuned_for_batch=tuned_batch if database else None,
+                tuned_kernels=sum(1 for h in lowering.schedules.values() if h == "tuned"),
                 tune_db=str(tune_db) if tune_db else None)
     return mod, info

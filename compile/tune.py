@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import types
 from pathlib import Path
@@ -127,6 +128,32 @@ def board_runner(address: str, timeout_s: int = 300):
                                f_alloc_argument=_alloc_from_host)
 
 
+def _record_hand_schedules(kernels, target, database, builder, runner):
+    """Measure each kernel's hand schedule and store it as a tuning record, so that the
+    database's best record is never a sampled schedule slower than the default one (with few
+    trials per kernel, random tiles often are)."""
+    from mixq.compile.packed import prim_func
+    from tvm.s_tir import Schedule
+    schedules = []
+    for kernel in kernels:
+        sch = Schedule(tvm.IRModule({"main": prim_func(kernel)}))
+        kernel.schedule(sch)
+        schedules.append(sch)
+    built = builder.build([ms.builder.BuilderInput(sch.mod, target) for sch in schedules])
+    for kernel, sch, b in zip(kernels, schedules, built):
+        if b.error_msg:
+            continue
+        args_info = ms.arg_info.ArgInfo.from_prim_func(prim_func(kernel))
+        (future,) = runner.run([ms.runner.RunnerInput(b.artifact_path, target.kind.name, args_info)])
+        result = future.result()
+        shutil.rmtree(os.path.dirname(b.artifact_path), ignore_errors=True)
+        if result.error_msg or not result.run_secs:
+            continue
+        workload = database.commit_workload(tvm.IRModule({"main": prim_func(kernel)}))
+        database.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, workload, [float(t) for t in result.run_secs], target, args_info))
+
+
 def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progress=True,
                  seed: int = 0) -> ms.database.JSONDatabase:
     """Tune `kernels` ({kernel: weight}) for `trials` measurements in total.
@@ -163,17 +190,18 @@ def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progre
                                     space_generator=space, search_strategy=strategy,
                                     task_name=name, rand_state=rand,
                                     logger=logger).clone())
+    builder = ms.builder.LocalBuilder(max_workers=os.cpu_count(), f_build=_build,
+                                      f_export=_export_aarch64 if _is_aarch64(target) else None,
+                                      timeout_sec=120)
+    runner = runner or ms.runner.LocalRunner(
+        evaluator_config=ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20))
+    _record_hand_schedules([k for k, _ in todo], target, database, builder, runner)
     per_iter = max(1, min(16, trials // len(tasks)))
     bar = tqdm(total=trials, desc=f"tuning {len(tasks)} kernels", unit="trial", disable=not progress)
     try:
         ms.tune_tasks(tasks=tasks, task_weights=[float(w) for _, w in todo], work_dir=str(db_dir),
                       max_trials_global=trials, num_trials_per_iter=per_iter,
-                      builder=ms.builder.LocalBuilder(max_workers=os.cpu_count(), f_build=_build,
-                                                      f_export=_export_aarch64 if _is_aarch64(target) else None,
-                                                      timeout_sec=120),
-                      runner=runner or ms.runner.LocalRunner(
-                          evaluator_config=ms.runner.EvaluatorConfig(number=20, repeat=3, min_repeat_ms=20)),
-                      database=database,
+                      builder=builder, runner=runner, database=database,
                       measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [_Progress(bar, names)],
                       cost_model="xgb", task_scheduler="gradient")
     finally:

@@ -208,6 +208,17 @@ def test_vnni_program_is_bit_exact(make_graph, batch):
     assert np.array_equal(got, want)
 
 
+@needs_vnni
+def test_any_batch_program_is_bit_exact():
+    """batch=None compiles a symbolic batch: one library for batch 1 and larger batches."""
+    g = resnet_like(seed=4)
+    ex, _ = x86.build(g, None, tvm.target.Target(VNNI_TARGET))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    for batch in (1, 5):
+        x = random_input(g, batch, seed=batch)
+        assert np.array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), G.run(g, x)), batch
+
+
 @needs_avx2
 def test_avx2_fallback_is_bit_exact():
     g = resnet_like(seed=3)
@@ -325,6 +336,8 @@ def test_tuning_records_are_reused_and_stay_exact(tmp_path):
     assert np.array_equal(got, G.run(g, x))
     x86.tune(g, 1, target, trials=4, db_dir=db_dir, progress=False)     # same shapes: nothing to do
     assert (db_dir / "database_tuning_record.json").read_text().splitlines() == records
+    got, report = run_compiled(g, None, VNNI_TARGET, x, database)        # any-batch build: same loops
+    assert report["tuned_kernels"] == 1 and np.array_equal(got, G.run(g, x))
 
 
 @pytest.mark.slow
