@@ -57,6 +57,12 @@ arm-board: $(STAMP)
 arm-board-stop: $(STAMP)
 	$(PY) -m mixq.runtime.arm_board stop
 
+# mixq (default and tuned) vs ONNX Runtime int8/fp32 and torch on this CPU, one run:
+# bench/results.json + bench/results.md (bench/bench.py; TUNE_TRIALS per model and batch)
+TUNE_TRIALS ?= 64
+bench: $(STAMP)
+	$(PY) bench/bench.py --tune-trials $(TUNE_TRIALS)
+
 # CSQ vs float training step on CPU (ResNet-20, batch 128): time and peak memory ratios
 bench-train: $(STAMP)
 	$(PY) bench/bench_train.py
