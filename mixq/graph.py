@@ -588,13 +588,16 @@ def value_bounds(graph: IntGraph) -> dict:
             acc_bounds[op.name] = acc
             out = acc if "multiplier" not in op.arrays else (1 << op.attrs["out_bits"]) - 1
         elif op.kind == "add":
-            total = 0
+            # per channel: the bound of a channel uses that channel's own multiplier and shift
+            # (a zero-multiplier channel's shift must not combine with another channel's M)
+            total = np.zeros(1, dtype=np.int64)
             for i, x in enumerate(xs):
-                m = int(np.abs(op.arrays[f"multiplier{i}"].astype(np.int64)).max())
-                s = int(op.arrays[f"shift{i}"].min())
-                if x >= 2**31 or m >= 2**31:
+                m = np.abs(op.arrays[f"multiplier{i}"].astype(np.int64)).reshape(-1)
+                s = op.arrays[f"shift{i}"].astype(np.int64).reshape(-1)
+                if x >= 2**31 or int(m.max(initial=0)) >= 2**31:
                     raise GraphError(f"layer '{op.name}': input {i} exceeds int32")
-                total += (x * m + (1 << (s - 1))) >> s
+                total = total + ((x * m + (np.int64(1) << (s - 1))) >> s)
+            total = int(total.max())
             if total > INT32_MAX:
                 raise GraphError(f"layer '{op.name}': residual sum can overflow int32 (bound {total})")
             acc_bounds[op.name] = total

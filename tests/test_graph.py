@@ -405,6 +405,29 @@ def test_overflow_proof_refuses_and_names_the_layer():
     assert G.value_bounds(tiny_graph(weight_bits=3, fan_in=4))["accumulators"]["c1"] == 4 * 127 * 3 + 3
 
 
+def test_residual_bound_is_per_channel():
+    # Channel 0 of the int32 branch is dead (M = 0, shift 1); channel 1 scales 2^31-1 by ~2^-20.
+    # A bound mixing channel 1's multiplier with channel 0's shift would claim overflow.
+    t = {
+        "input": G.TensorInfo("input", (2, 1, 1), "int8", 8, 0.1),
+        "c": G.TensorInfo("c", (2, 1, 1), "int32", 32, [0.1, 0.1]),
+        "y": G.TensorInfo("y", (2, 1, 1), "uint8", 8, 0.1),
+    }
+    big = np.full((2, 2, 1, 1), 0, dtype=np.int8)
+    ops = [
+        G.Op("c", "conv2d", ["input"], "c",
+             {"stride": 1, "padding": 0, "groups": 1, "storage_bits": 8, "precision": 7,
+              "kept_bits": list(range(7))},
+             {"weight": big, "bias": np.array([0, 2**31 - 1], dtype=np.int32)}),
+        G.Op("y", "add", ["c", "input"], "y", {"out_bits": 8},
+             {"multiplier0": np.array([0, 2**30], dtype=np.int32), "shift0": np.array([1, 31], dtype=np.int32),
+              "multiplier1": np.array([2**30], dtype=np.int32), "shift1": np.array([30], dtype=np.int32)}),
+    ]
+    g = G.IntGraph("res", t["input"], "y", ops, t, {})
+    # per channel: ch0 0 + 127 = 127, ch1 round((2^31-1) / 2) + 127
+    assert G.value_bounds(g)["accumulators"]["y"] == ((2**31 - 1) * 2**30 + 2**30) // 2**31 + 127
+
+
 def test_run_checks_its_input():
     g = tiny_graph()
     with pytest.raises(G.GraphError, match="input must be int8"):
