@@ -25,9 +25,11 @@ b/4, 16, 4]. Everything stays exact; the tricks that keep it so:
 - Channel counts are padded to 16 with zero weights, zero bias and zero multiplier.
 - Every int32 intermediate is bounded statically at lowering (`_accumulator_bound`).
 
-`lower_graph` raises `Unsupported` (with the reason) for graphs outside this path; the caller
-then uses the default lowering. `tune` runs MetaSchedule over the conv kernels: the search
-space is the hand schedule with sampled tile sizes, so every candidate stays tensorized.
+`lower_fast` is `mixq compile`'s entry (compile/build.py): it picks the strategy from the
+target's CPU features and returns None for targets or graphs outside this path (which then
+take the per-op default lowering). A batch of None compiles a symbolic batch. Tuning
+(mixq.compile.tune) searches the hand schedule's tile sizes and loop order with MetaSchedule,
+so every candidate stays tensorized and exact.
 """
 from __future__ import annotations
 

@@ -124,9 +124,9 @@ class Builder:
         return G.IntGraph("test", self.input, output, self.ops, self.tensors, {})
 
 
-def digits_like(seed=0):
+def digits_like(seed=0, input_dtype="int8"):
     """The digits CNN's shape: 1 input channel (4-wide blocks), global pool, 10-way linear."""
-    b = Builder((1, 8, 8), seed)
+    b = Builder((1, 8, 8), seed, input_dtype)
     x = b.conv("input", 32, wbits=5)
     x = b.conv(x, 32, wbits=4)
     x = b.conv(x, 64, stride=2, wbits=9)
@@ -196,8 +196,13 @@ def test_packed_weight_layout_matches_the_conv_index():
 
 
 # ----------------------------------------------------------------------------- compiled
+def digits_like_uint8_input():
+    return digits_like(seed=2, input_dtype="uint8")
+
+
 @needs_vnni
-@pytest.mark.parametrize("make_graph,batch", [(digits_like, 1), (digits_like, 3), (resnet_like, 2)])
+@pytest.mark.parametrize("make_graph,batch", [(digits_like, 1), (digits_like, 3), (resnet_like, 2),
+                                              (digits_like_uint8_input, 2)])
 def test_vnni_program_is_bit_exact(make_graph, batch):
     g = make_graph()
     x = random_input(g, batch)
@@ -314,6 +319,12 @@ def test_aarch64_program_is_bit_exact_on_the_board(arm_board, tmp_path, target):
     x = random_input(g, 2, seed=7)
     ex, report = arm.build(g, 2, tvm.target.Target(target))
     lib_path = tmp_path / "model.so"
+    ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+    assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), report["strategy"]
+    g = digits_like_uint8_input()                 # uint8 input: stored as x - 128 for sdot
+    x = random_input(g, 3, seed=8)
+    ex, report = arm.build(g, None, tvm.target.Target(target))
+    lib_path = tmp_path / "model_any_batch.so"
     ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
     assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), report["strategy"]
 
