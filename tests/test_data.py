@@ -11,8 +11,7 @@ import torch
 
 from mixq import data
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
-needs_cifar = pytest.mark.skipif(not CIFAR.exists(), reason=f"{CIFAR} not present")
+from conftest import CIFAR, needs_cifar
 
 
 def test_digits_is_a_fixed_stratified_split_in_unit_range():

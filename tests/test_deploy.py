@@ -20,7 +20,7 @@ from mixq import data, graph as G
 from mixq.runtime import deploy as D
 from mixq.runtime import session as S
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
+from conftest import CIFAR
 
 
 def mixq(*args, timeout=1800) -> subprocess.CompletedProcess:

@@ -15,8 +15,7 @@ from mixq.train import quant
 from mixq.train.config import TrainConfig, build
 from mixq.train.loop import load_checkpoint, restore_model, train
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
-needs_cifar = pytest.mark.skipif(not CIFAR.exists(), reason=f"{CIFAR} not present")
+from conftest import CIFAR, needs_cifar
 
 _DIGITS = {}
 

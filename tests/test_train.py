@@ -19,8 +19,7 @@ from mixq.train.config import TrainConfig
 from mixq.train.loop import NAN_AT_STEP_ENV, load_checkpoint, predict, restore_model, train
 from mixq import data
 
-CIFAR = Path(__file__).resolve().parents[2] / "shared/data/cifar10-jpeg.tar.gz"
-needs_cifar = pytest.mark.skipif(not CIFAR.exists(), reason=f"{CIFAR} not present")
+from conftest import CIFAR, needs_cifar
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
 
