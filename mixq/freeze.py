@@ -59,7 +59,8 @@ class _Tracer(torch.fx.Tracer):
     LEAVES = (quant.InputQuant, quant.ActQuant, *quant.QUANT_LAYERS)
 
     def is_leaf_module(self, m, qualname):
-        return isinstance(m, self.LEAVES) or super().is_leaf_module(m, qualname)
+        # any quantized weight layer (CSQ, BSQ, CLADO, STE: they all have integer_weight) is one node
+        return isinstance(m, self.LEAVES) or hasattr(m, "integer_weight") or super().is_leaf_module(m, qualname)
 
 
 def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: dict | None = None) -> G.IntGraph:

@@ -144,7 +144,7 @@ def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert "unknown model 'resnet7'" in cli_error(["train", "--model", "resnet7", "--out", out], capsys)
     assert "unknown dataset 'mnist'" in cli_error(["train", "--dataset", "mnist", "--out", out], capsys)
-    assert "--method" in cli_error(["train", "--method", "bsq", "--out", out], capsys)
+    assert "--method" in cli_error(["train", "--method", "nosuch", "--out", out], capsys)
     err = cli_error(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "missing"), "--out", out], capsys)
     assert "missing" in err and "no such file" in err
     for bits in ("0", "-1", "8.5"):

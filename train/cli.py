@@ -11,15 +11,15 @@ def add_arguments(p):
     p.add_argument("--model", default=d.model, help="digits-cnn | resnet20 | vgg19bn | resnet18 | resnet50")
     p.add_argument("--dataset", default=d.dataset, help="digits (bundled) | cifar10 | imagenet")
     p.add_argument("--data-dir", default=None, help="dataset location (cifar10: ImageFolder dir or .tar.gz)")
-    p.add_argument("--method", default=d.method, help="csq | ste-uniform")
+    p.add_argument("--method", default=d.method, help="csq | bsq | clado (mixed precision under --target-bits) | ste-uniform (fixed --weight-bits)")
     p.add_argument("--target-bits", type=float, default=d.target_bits,
-                   help="CSQ budget: mean kept bits per layer, in (0, 8]")
+                   help="csq/bsq/clado budget: mean kept (magnitude) bits per layer, in (0, 8]")
     p.add_argument("--weight-bits", type=int, default=d.weight_bits,
                    help="ste-uniform: bits per weight incl. sign (2..8)")
     p.add_argument("--act-bits", type=int, default=d.act_bits, help="activation bits 2..8, or 32 (float)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="all training epochs (CSQ: search + finetune)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="all training epochs (csq/bsq/clado: search + finetune)")
     p.add_argument("--finetune-epochs", type=int, default=d.finetune_epochs,
-                   help="CSQ: the last N of --epochs train with the bit mask frozen (default: a third)")
+                   help="csq/bsq/clado: the last N of --epochs train with the bits fixed (default: a third)")
     p.add_argument("--lr", type=float, default=d.lr, help="SGD learning rate (weights, BN, scales, clips)")
     p.add_argument("--bit-lr", type=float, default=d.bit_lr, help="CSQ: Adam learning rate of the bit logits (the mask logits use --lr)")
     p.add_argument("--init-logit", type=float, default=d.init_logit, help="CSQ: |bit logit| derived from the float weights")
@@ -28,7 +28,7 @@ def add_arguments(p):
                    help="CSQ guard: every layer keeps at least this many bits (0: off, the paper's plain rule)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process under torchrun")
-    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="CSQ budget regularizer strength")
+    p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="csq: budget regularizer strength; bsq: group-Lasso strength")
     p.add_argument("--beta-max", type=float, default=d.beta_max, help="CSQ: final gate temperature")
     p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--seed", type=int, default=d.seed)

@@ -6,7 +6,12 @@ from dataclasses import asdict, dataclass, fields
 
 from mixq.models import build_model
 from mixq.train import quant
-from mixq.train.methods import CSQ, METHODS, STEUniform
+from mixq.train.bsq import BSQ
+from mixq.train.clado import CLADO
+from mixq.train.methods import CSQ, STEUniform
+
+METHODS = {m.name: m for m in (CSQ, BSQ, CLADO, STEUniform)}
+MIXED = ("csq", "bsq", "clado")         # methods that search per-layer bits under --target-bits
 
 
 @dataclass
@@ -53,8 +58,9 @@ class TrainConfig:
         return cls(**d)
 
     def finetune(self) -> int:
-        """CSQ epochs with the bit mask frozen (beta rewound and annealed again); 0 otherwise."""
-        if self.method != "csq":
+        """Epochs with the bits fixed after the search (CSQ: mask frozen, beta rewound; BSQ:
+        precision fixed; CLADO: at the allocated bits); 0 for ste-uniform."""
+        if self.method not in MIXED:
             return 0
         return self.epochs // 3 if self.finetune_epochs is None else self.finetune_epochs
 
@@ -87,6 +93,9 @@ class TrainConfig:
         if self.finetune_epochs is not None and not 0 <= self.finetune_epochs < self.epochs:
             raise ValueError(f"--finetune-epochs {self.finetune_epochs}: must be >= 0 and less than "
                              f"--epochs {self.epochs} (the finetune epochs are part of them)")
+        if self.method in ("bsq", "clado") and (self.finetune() < 1 or self.search() < 1):
+            raise ValueError(f"--method {self.method} needs >= 1 search and >= 1 finetune epoch (its bits are "
+                             f"set when the finetune starts): got --epochs {self.epochs}, --finetune-epochs {self.finetune()}")
 
 
 def build(cfg: TrainConfig):
@@ -95,6 +104,10 @@ def build(cfg: TrainConfig):
     if cfg.method == "csq":
         method = CSQ(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam, cfg.beta_max,
                      cfg.init_logit, cfg.mask_init, cfg.min_layer_bits)
+    elif cfg.method == "bsq":
+        method = BSQ(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam)
+    elif cfg.method == "clado":
+        method = CLADO(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune())
     else:
         method = STEUniform(cfg.act_bits, cfg.weight_bits)
     model = quant.QuantModel(method.prepare(net))

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mixq import data as datasets
-from mixq.train.config import TrainConfig, build
+from mixq.train.config import MIXED, TrainConfig, build
 
 CHECKPOINT_KEYS = {"model", "config", "epoch"}
 RESUME_KEYS = CHECKPOINT_KEYS | {"optimizers", "schedulers", "history"}
@@ -150,7 +150,8 @@ def resume_state(ckpt_path: Path, cfg: TrainConfig) -> dict:
 
 # ----------------------------------------------------------------------------- optimization
 def is_bit_logit(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ("bit_logits_pos", "bit_logits_neg", "bit_mask_logits")
+    return name.rsplit(".", 1)[-1] in ("bit_logits_pos", "bit_logits_neg", "bit_mask_logits",
+                                       "bit_planes_pos", "bit_planes_neg")
 
 
 def make_optimizers(model, cfg: TrainConfig) -> dict:
@@ -211,15 +212,17 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed)
     cfg.num_classes, cfg.input_shape = spec.num_classes, spec.input_shape
     torch.manual_seed(cfg.seed)
+    calib = calibration_images(spec)
     if state is None:
         model, method = build(cfg)
-        calibrate(model, spec)
+        calibrate(model, calib[0])
         start_epoch, history = 0, []
         if proc.main:
             clear_reports(out)
     else:
         model, method, _ = restore_model(state, ckpt_path)
         start_epoch, history = state["epoch"] + 1, state["history"]
+    method.attach_data(*calib)
     model.to(proc.device)
     # under DDP the mask logits are unused parameters while the mask is frozen (finetune)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if proc.world > 1 else model
@@ -255,6 +258,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
             for k in opts:
                 opts[k].step()
                 scheds[k].step()
+            method.after_step()
             loss_sum += loss.item()
             reg_sum += float(reg.detach())
         if proc.main:
@@ -326,11 +330,16 @@ def clear_reports(out: Path):
         (out / name).unlink(missing_ok=True)
 
 
-def calibrate(model, spec):
+def calibration_images(spec, n: int = 2048):
+    """The first n training images and labels (no augmentation): the same on every process."""
+    n = min(len(spec.train), n)
+    return (torch.stack([spec.train[i][0] for i in range(n)]),
+            torch.tensor([int(spec.train[i][1]) for i in range(n)]))
+
+
+def calibrate(model, x):
     """Input scale and activation clips from the same first 2048 training images on every
     process (under DDP, rank 0's copy is broadcast anyway)."""
-    n = min(len(spec.train), 2048)
-    x = torch.stack([spec.train[i][0] for i in range(n)])
     model.input_quant.calibrate(x)
     model.train()
     with torch.no_grad():
@@ -394,7 +403,7 @@ def summarize(model, method, cfg, history, spec) -> dict:
     storage = sum(r["params"] * r["storage_bits"] for r in layers) / params
     return {
         "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
-        "target_bits": cfg.target_bits if cfg.method == "csq" else cfg.weight_bits, "act_bits": cfg.act_bits,
+        "target_bits": cfg.target_bits if cfg.method in MIXED else cfg.weight_bits, "act_bits": cfg.act_bits,
         "accuracy": history[-1]["accuracy"] if history else None,
         **integer_accuracy(model, cfg, spec), "test_images": len(spec.test),
         "avg_bits": sum(r["precision"] for r in layers) / len(layers),
@@ -429,7 +438,7 @@ def plot(out: Path, metrics: dict, history: list):
     for n in names:
         ax.plot(epochs, [h[f"prec:{n}"] for h in history], lw=1, alpha=0.6, label=n if len(names) <= 12 else None)
     ax.plot(epochs, [h["avg_precision"] for h in history], "k", lw=2.5, label="average")
-    if metrics["method"] == "csq":
+    if metrics["method"] in MIXED:
         ax.axhline(metrics["target_bits"], color="r", ls="--", lw=1, label="target")
         if metrics["finetune_epochs"]:
             ax.axvline(metrics["search_epochs"] + 0.5, color="gray", ls=":", lw=1, label="mask frozen (finetune)")

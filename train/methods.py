@@ -5,8 +5,11 @@
     regularizer()       extra loss term (a tensor; 0 when the method has none)
     export_bits()       per-layer bit report, from each layer's bit_info()
     harden()            switch to the exact integer weights used for evaluation and freeze
+    attach_data(x, y)   the calibration images (first training images), for methods that measure
+    after_step()        after each optimizer step (BSQ: keep bit planes in [0, 2])
 
-Adding a method (BSQ, SDQ, CLADO, ...) is one class here plus its layers in quant.py."""
+Adding a method is one file with its layers and its Method subclass (train/bsq.py,
+train/clado.py), registered in train/config.py's METHODS."""
 from __future__ import annotations
 
 import torch
@@ -52,6 +55,12 @@ class Method:
 
     def state(self) -> dict:
         return {}
+
+    def attach_data(self, x, y):
+        pass
+
+    def after_step(self):
+        pass
 
 
 def initial_bits(target: float, params: list) -> list:
@@ -181,5 +190,3 @@ class STEUniform(Method):
         cls = quant.STEConv2d if isinstance(m, torch.nn.Conv2d) else quant.STELinear
         return cls.from_float(m, self.weight_bits)
 
-
-METHODS = {"csq": CSQ, "ste-uniform": STEUniform}
