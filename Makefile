@@ -21,7 +21,7 @@ DATA_OPT  := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 EPOCH_OPT := $(if $(EPOCHS),--epochs $(EPOCHS))
 BOARD_OPT := $(if $(BOARD),--board $(BOARD))
 
-.PHONY: venv train freeze compile deploy test test-all bench bench-train arm-board arm-board-stop clean
+.PHONY: venv train freeze compile deploy compare test test-all bench bench-train arm-board arm-board-stop clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -43,6 +43,18 @@ compile: freeze
 
 deploy: $(STAMP)
 	$(MIXQ) deploy $(BUILD) --dataset $(DATASET) $(DATA_OPT) $(BOARD_OPT)
+
+# CSQ and its peers on one model and one budget: train each, then one table and the
+# accuracy-size plot (runs/compare-*.md, .png)
+METHODS     ?= csq bsq clado
+COMPARE     := runs/compare-$(MODEL)-w$(TARGET_BITS)a$(ACT_BITS)
+compare: $(STAMP)
+	@for m in $(METHODS); do \
+	    $(MIXQ) train --model $(MODEL) --dataset $(DATASET) $(DATA_OPT) --method $$m \
+	        --target-bits $(TARGET_BITS) --act-bits $(ACT_BITS) $(EPOCH_OPT) \
+	        --out runs/$(MODEL)-$$m-w$(TARGET_BITS)a$(ACT_BITS) || exit 1; done
+	$(MIXQ) report $(foreach m,$(METHODS),runs/$(MODEL)-$(m)-w$(TARGET_BITS)a$(ACT_BITS)) \
+	    --md $(COMPARE).md --png $(COMPARE).png
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -10,13 +10,14 @@ import sys
 
 # command -> module exposing add_arguments(parser) and run(args) -> int
 COMMANDS = {
-    "train": ("mixq.train.cli", "train a quantized model (CSQ, STE-uniform)"),
+    "train": ("mixq.train.cli", "train a quantized model (CSQ; peers BSQ, CLADO; STE-uniform)"),
     "freeze": ("mixq.freeze", "harden a checkpoint into an integer-only graph"),
     "eval": ("mixq.evaluate", "run the golden NumPy interpreter on a dataset"),
     "inspect": ("mixq.inspect", "table of a frozen model's layers, bits and bytes"),
     "export-onnx": ("mixq.onnx_export", "export a frozen model as a QDQ ONNX model"),
     "compile": ("mixq.compile.cli", "compile a frozen model with TVM for a target"),
     "deploy": ("mixq.runtime.cli", "run a compiled model locally or on a board: exactness, accuracy, latency"),
+    "report": ("mixq.report", "runs side by side (methods, budgets, deployments) and the accuracy-size plot"),
 }
 
 USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, PermissionError, KeyboardInterrupt)

@@ -1,0 +1,118 @@
+"""`mixq report RUN_DIR...`: runs side by side (methods, budgets), and the accuracy-size curve.
+
+For each run directory: its metrics.json (mixq train), and where present the deploy reports
+of its builds (RUN_DIR/build-*/report.json from mixq deploy). Prints one table; --md writes it
+as markdown, --png the accuracy vs weight size plot (one series per method), --json the rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+COLUMNS = [("run", "run"), ("method", "method"), ("target", "target"), ("avg bits", "avg_bits"),
+           ("storage bits", "storage_bits"), ("weights KiB", "weight_kib"), ("compression", "compression"),
+           ("accuracy %", "accuracy"), ("integer %", "int_accuracy"), ("deployed", "deployed")]
+
+
+def add_arguments(p):
+    p.add_argument("runs", nargs="+", help="run directories (each with metrics.json from mixq train)")
+    p.add_argument("--md", help="also write the table as markdown to this file")
+    p.add_argument("--png", help="also write the accuracy vs weight-size plot to this PNG")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+
+
+def load_row(run: Path) -> dict:
+    path = run / "metrics.json"
+    if not path.is_file():
+        raise ValueError(f"{run}: no metrics.json (not a finished mixq train run directory)")
+    try:
+        m = json.loads(path.read_text())
+        row = {"run": run.name, "model": m["model"], "dataset": m["dataset"], "method": m["method"],
+               "target": m["target_bits"], "act_bits": m["act_bits"], "avg_bits": m["avg_bits"],
+               "storage_bits": m["storage_bits"], "compression": m["compression"],
+               "weight_kib": m["params"] * m["storage_bits"] / 8 / 1024,
+               "accuracy": m["accuracy"], "int_accuracy": m.get("int_accuracy"), "deployments": []}
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a mixq metrics file ({type(e).__name__}: {e})") from None
+    for rep in sorted(run.glob("build-*/report.json")):
+        try:
+            r = json.loads(rep.read_text())
+            row["deployments"].append({"build": rep.parent.name, "arch": r["arch"], "bit_exact": r["bit_exact"],
+                                       "accuracy": r["accuracy"], "latency_ms": r["latency_ms"]["median"],
+                                       "emulated": r.get("emulated", False)})
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{rep}: not a mixq deploy report ({type(e).__name__})") from None
+    return row
+
+
+def cell(row: dict, key: str) -> str:
+    v = row.get(key)
+    if key == "deployed":
+        return "; ".join(f"{d['arch']} {'exact' if d['bit_exact'] else 'NOT EXACT'} {d['latency_ms']:.3f} ms"
+                         + (" (emulated)" if d["emulated"] else "") for d in row["deployments"]) or "-"
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
+
+
+def table(rows: list) -> list:
+    return [[cell(r, key) for _, key in COLUMNS] for r in rows]
+
+
+def text_table(rows: list) -> str:
+    body = table(rows)
+    heads = [h for h, _ in COLUMNS]
+    widths = [max(len(x) for x in col) for col in zip(heads, *body)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+    return "\n".join([line(heads), "  ".join("-" * w for w in widths)] + [line(c) for c in body])
+
+
+def markdown(rows: list) -> str:
+    heads = [h for h, _ in COLUMNS]
+    out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+    out += ["| " + " | ".join(c) + " |" for c in table(rows)]
+    return "\n".join(out) + "\n"
+
+
+def atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plot(rows: list, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in sorted({r["method"] for r in rows}):
+        pts = sorted((r["weight_kib"], r["accuracy"], r["avg_bits"]) for r in rows if r["method"] == method)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
+        for x, y, b in pts:
+            ax.annotate(f"{b:.2f}b", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    models = sorted({r["model"] for r in rows})
+    ax.set(xlabel="weights (KiB, packed at storage bits)", ylabel="top-1 accuracy (%)",
+           title=f"accuracy vs size: {', '.join(models)}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def run(args) -> int:
+    rows = [load_row(Path(r)) for r in args.runs]
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(text_table(rows))
+    if args.md:
+        atomic_write_text(Path(args.md), markdown(rows))
+    if args.png:
+        plot(rows, Path(args.png))
+    return 0
