@@ -21,7 +21,9 @@ Runtimes, batch 1 and 32, 1 and 2 threads:
   ort-fp32      ONNX Runtime on that fp32 export
   torch-fp32    the float torch model, eager, inference mode
 Timing: wall time of one call from Python (each runtime's own call overhead included),
-interleaved rounds over the runtimes so background load hits them alike; ms per image =
+interleaved rounds over the runtimes so background load hits them alike (before each block
+of timed calls: a 20 ms pause for the previous runtime's spinning threads to go idle and 3
+untimed calls); ms per image =
 ms per call / batch; median and p90 over all calls. Each thread count runs in its own
 process (TVM's thread pool size is fixed when it starts). Every mixq row is checked against
 the golden NumPy interpreter on a batch of real test images in the same process.
@@ -34,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -260,6 +263,11 @@ def measure(plan: dict, threads: int) -> list[dict]:
                 timed_calls(fn, per_round)                  # warm up
             for _ in range(rounds):
                 for k, fn in calls.items():
+                    # the runtime timed before may leave its worker threads spinning (ORT's
+                    # intra-op pool, torch's OpenMP) on the same 2 cores: let them go idle, and
+                    # warm this runtime's own pool, before its timed calls
+                    time.sleep(0.02)
+                    timed_calls(fn, 3)
                     times[k] += timed_calls(fn, per_round)
             for k, ts in times.items():
                 ms = np.asarray(ts) * 1e3 / batch
@@ -354,6 +362,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tune-trials", type=int, default=64, help="MetaSchedule trials per model and batch")
     p.add_argument("--rounds", type=int, default=20, help="interleaved timing rounds (25 calls each at batch 1)")
+    p.add_argument("--keep-tune-db", action="store_true",
+                   help="reuse the tuning databases of an earlier run (default: tune from scratch, so the "
+                        "tuning time reported is this run's)")
     p.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     plan_path = OUT / "plan.json"
@@ -363,6 +374,9 @@ def main(argv=None):
         return 0
 
     OUT.mkdir(parents=True, exist_ok=True)
+    if not args.keep_tune_db:
+        for db in OUT.glob("tune-db-*"):
+            shutil.rmtree(db)
     t_start = time.time()
     machine = machine_info()
     cases = []
