@@ -20,9 +20,11 @@ reports the precision it lands on. Here `--target-bits` steers it: the group Las
 while the average precision is above the target, and the precision adjustment follows a
 schedule from 8 bits down to the target, reached at 70% of the search. When the group Lasso
 has not emptied enough planes by then (a few dozen epochs are far fewer than the paper's
-hundreds), the edge plane whose removal raises the loss on a calibration batch (the first 256
-training images) least is removed. Every layer keeps >= 1 bit."""
+hundreds), the edge planes whose removal raises the loss on a calibration batch (the first 128
+training images) least are removed. Every layer keeps >= 1 bit."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -33,6 +35,7 @@ from mixq.train.methods import Method
 from mixq.train.quant import N_BITS, BitInfo, round_ste
 
 LEVELS = 2 ** N_BITS - 1
+CALIBRATION_IMAGES = 128        # first training images; the loss that ranks planes to remove
 
 
 class BSQMixin:
@@ -190,17 +193,20 @@ class BSQ(Method):
             self.adjust(self.allowed(e))
 
     def attach_data(self, x, y):
-        self.calibration = (x[:256], y[:256])
+        self.calibration = (x[:CALIBRATION_IMAGES], y[:CALIBRATION_IMAGES])
 
     @torch.no_grad()
     def adjust(self, allowed: float):
         """Re-quantize every layer to {0, 1} planes; drop empty edge planes while the average is
-        above the target; then, down to `allowed`, the edge plane whose removal raises the loss
-        on the calibration batch least."""
+        above the target; then, down to `allowed`, the edge planes whose removal raises the loss
+        on the calibration batch least: every candidate is measured once per round and the
+        cheapest ones go, at most one per layer per round (a round costs two forward passes
+        per layer, not two per layer per bit removed)."""
         layers = self.layers()
         for layer in layers:
             layer.requantize(*layer.span())
-        n, total = len(layers), sum(self.precisions())
+        n = len(layers)
+        total = sum(self.precisions())
         while total / n > self.target + 1e-9:
             options = [(i, cand) for i, layer in enumerate(layers) if layer.span()[1] > layer.span()[0]
                        for cand in ((layer.span()[0], layer.span()[1] - 1), (layer.span()[0] + 1, layer.span()[1]))]
@@ -209,12 +215,21 @@ class BSQ(Method):
             empty = [(i, cand) for i, cand in options if layers[i].removal_cost(*cand) == 0]
             if empty:
                 i, cand = empty[0]
-            elif total / n <= allowed + 1e-9:
+                layers[i].requantize(*cand)
+                total -= 1
+                continue
+            if total / n <= allowed + 1e-9:
                 break
-            else:
-                i, cand = min(options, key=lambda o: self.loss_if(layers[o[0]], o[1]))
-            layers[i].requantize(*cand)
-            total -= 1
+            need = max(1, math.ceil(total - max(allowed, self.target) * n - 1e-9))
+            ranked = sorted(options, key=lambda o: self.loss_if(layers[o[0]], o[1]))
+            done = set()
+            for i, cand in ranked:
+                if len(done) == need:
+                    break
+                if i not in done:
+                    layers[i].requantize(*cand)
+                    done.add(i)
+            total -= len(done)
 
     def loss_if(self, layer, span) -> float:
         """Calibration loss with `layer` re-quantized to `span` (then restored); without
