@@ -327,11 +327,13 @@ def test_metrics_of_another_model_are_refused(digits, tmp_path):
 # ----------------------------------------------------------------------------- CIFAR-10
 @pytest.fixture(scope="module")
 def resnet20(tmp_path_factory) -> Path:
-    """A CSQ resnet20 run (1 epoch on 2000 CIFAR-10 images: weights far from random, minutes)."""
+    """A CSQ resnet20 run on 2000 CIFAR-10 images: 2 warm-up epochs of 8-bit STE weights, then
+    2 CSQ epochs (from scratch, a few CSQ epochs stay near chance; this starts ~30-40%)."""
     if not CIFAR.exists():
         pytest.skip(f"{CIFAR} not present")
     run = tmp_path_factory.mktemp("resnet20") / "run"
-    ok(mixq("train", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", CIFAR, "--epochs", "1",
+    ok(mixq("train", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", CIFAR, "--epochs", "2",
+            "--warmup-epochs", "2", "--finetune-epochs", "1",
             "--train-subset", "2000", "--test-subset", "500", "--out", run))
     ok(mixq("freeze", run / "checkpoint.pt", "--out", run / "frozen"))
     return run
@@ -341,11 +343,17 @@ def resnet20(tmp_path_factory) -> Path:
 def test_cifar10_resnet20_is_bit_exact(resnet20):
     run = resnet20
     ok(mixq("compile", run / "frozen", "--out", run / "build-host"))
-    r = ok(mixq("deploy", run / "build-host", "--data-dir", CIFAR, "--images", "300", "--no-progress"))
+    # the same 500 evenly spread test images the run was evaluated on (--test-subset 500)
+    r = ok(mixq("deploy", run / "build-host", "--data-dir", CIFAR, "--images", "500", "--no-progress"))
     print("\n" + r.stdout)
     report = json.loads((run / "build-host" / "report.json").read_text())
-    assert report["bit_exact"] and report["images_checked"] == 300 and report["mismatches"] == 0
+    assert report["bit_exact"] and report["images_checked"] == 500 and report["mismatches"] == 0
     assert report["accuracy"] == report["reference_accuracy"]
+    assert report["trained_test_images"] == report["accuracy_images"] == 500
+    assert report["accuracy"] > 20.0, "the run should be well above chance (10%) for this check to mean much"
+    assert abs(report["accuracy"] - report["trained_int_accuracy"]) < 1e-6
+    assert abs(report["accuracy"] - report["trained_accuracy"]) <= 0.3 + 100.0 / 500, \
+        "hardened float model and integer program disagree on more than one image beyond 0.3 points"
 
 
 @pytest.mark.slow

@@ -218,3 +218,43 @@ def test_resnet20_on_cifar10_trains_end_to_end(tmp_path):
     assert 0 <= m["accuracy"] <= 100 and m["int_agreement"] > 90
     losses = [float(row["loss"]) for row in history(run)]
     assert losses[-1] < losses[0] < 3.0, losses
+
+
+# ----------------------------------------------------------------------------- float starting points
+def test_init_from_starts_csq_at_the_given_float_weights(tmp_path, capsys):
+    from mixq.train import quant
+    from mixq.train.config import build
+    src = tmp_path / "ste"
+    train(TrainConfig(method="ste-uniform", weight_bits=8, epochs=2, train_subset=300), str(src))
+    ckpt = torch.load(src / "checkpoint.pt", weights_only=True)
+    model, _ = build(TrainConfig(), init_weights=str(src / "checkpoint.pt"))
+    for name, layer in quant.quant_layers(model):
+        w = ckpt["model"][f"{name}.weight"]
+        relaxed = layer.csq_weight().detach()
+        assert torch.nn.functional.cosine_similarity(relaxed.flatten(), w.flatten(), 0) > 0.98, name
+    bn = next(k for k in ckpt["model"] if k.endswith("running_mean"))
+    assert torch.equal(model.state_dict()[bn], ckpt["model"][bn])
+    # bad starting points: one line naming the file and what is wrong
+    out = str(tmp_path / "r")
+    assert "no such file" in cli_error(["train", "--init-from", str(tmp_path / "nope.pt"), "--out", out], capsys)
+    csq = tmp_path / "csq"
+    train(TrainConfig(epochs=2, train_subset=300), str(csq))
+    assert "no float weight for layer" in cli_error(["train", "--init-from", str(csq / "checkpoint.pt"), "--out", out], capsys)
+    torch.save({"model": {}, "config": {"model": "resnet20"}, "epoch": 0}, tmp_path / "other.pt")
+    assert "a checkpoint of model 'resnet20', not 'digits-cnn'" in cli_error(
+        ["train", "--init-from", str(tmp_path / "other.pt"), "--out", out], capsys)
+    torch.save({"net.0.weight": torch.zeros(3)}, tmp_path / "foreign.pt")
+    assert "no float weight for layer" in cli_error(["train", "--init-from", str(tmp_path / "foreign.pt"), "--out", out], capsys)
+    assert "--warmup-epochs" in cli_error(["train", "--method", "clado", "--warmup-epochs", "2", "--out", out], capsys)
+
+
+def test_warmup_trains_8bit_weights_first_and_is_reused(tmp_path):
+    run = tmp_path / "run"
+    m = train(TrainConfig(warmup_epochs=2, epochs=3, finetune_epochs=1, train_subset=400), str(run))
+    warm = json.loads((run / "warmup" / "metrics.json").read_text())
+    assert warm["method"] == "ste-uniform" and warm["target_bits"] == 8 and warm["epochs"] == 2
+    assert m["method"] == "csq" and m["warmup_epochs"] == 2 and m["epochs"] == 3
+    assert abs(m["avg_bits"] - 3) <= 0.2
+    first = (run / "warmup" / "checkpoint.pt").stat().st_mtime_ns
+    train(TrainConfig(warmup_epochs=2, epochs=3, finetune_epochs=1, train_subset=400), str(run))
+    assert (run / "warmup" / "checkpoint.pt").stat().st_mtime_ns == first, "a finished warm-up is reused"

@@ -26,6 +26,11 @@ def add_arguments(p):
     p.add_argument("--mask-init", type=float, default=d.mask_init, help="CSQ: |initial bit-mask logits| (+ on the bits a layer starts with, - below)")
     p.add_argument("--min-layer-bits", type=int, default=d.min_layer_bits,
                    help="CSQ guard: every layer keeps at least this many bits (0: off, the paper's plain rule)")
+    p.add_argument("--init-from", default=None,
+                   help="start from these float weights: a mixq checkpoint of the same model (ste-uniform, "
+                        "clado) or the net's plain state dict (e.g. torchvision weights)")
+    p.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs,
+                   help="csq/bsq: first train 8-bit STE weights for N epochs (RUN/warmup), then start from them")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process under torchrun")
     p.add_argument("--lambda", dest="lam", type=float, default=d.lam, help="csq: budget regularizer strength; bsq: group-Lasso strength")

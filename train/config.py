@@ -34,6 +34,8 @@ class TrainConfig:
     init_logit: float = 2.0         # |bit logit| derived from the float weight
     mask_init: float = 0.2          # |initial bit-mask logits m_B| (see CSQ.prepare)
     min_layer_bits: int = 1         # CSQ guard: every layer keeps >= this many bits (0: off)
+    init_from: str | None = None    # float weights to start from: a mixq checkpoint or a state dict
+    warmup_epochs: int = 0          # csq/bsq: first train 8-bit STE weights this long (RUN/warmup)
     seed: int = 0
     device: str = "auto"
     train_subset: int | None = None
@@ -87,6 +89,9 @@ class TrainConfig:
             raise ValueError(f"--init-logit {self.init_logit} must be > 0 and --mask-init {self.mask_init} >= 0")
         if self.min_layer_bits < 0 or self.min_layer_bits > 8:
             raise ValueError(f"--min-layer-bits {self.min_layer_bits}: must be 0..8")
+        if self.warmup_epochs < 0 or (self.warmup_epochs and self.method not in ("csq", "bsq")):
+            raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must be >= 0, and is for csq and bsq "
+                             "(clado warms up by itself, ste-uniform trains its weights directly)")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -98,9 +103,12 @@ class TrainConfig:
                              f"set when the finetune starts): got --epochs {self.epochs}, --finetune-epochs {self.finetune()}")
 
 
-def build(cfg: TrainConfig):
-    """(QuantModel, method) for a config; weights are whatever the builder initializes."""
+def build(cfg: TrainConfig, init_weights: str | None = None):
+    """(QuantModel, method) for a config; weights are whatever the builder initializes, or the
+    float weights of `init_weights` (see load_float_weights) before the method converts them."""
     net = build_model(cfg.model, cfg.num_classes)
+    if init_weights:
+        load_float_weights(net, init_weights, cfg.model)
     if cfg.method == "csq":
         method = CSQ(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam, cfg.beta_max,
                      cfg.init_logit, cfg.mask_init, cfg.min_layer_bits)
@@ -112,3 +120,37 @@ def build(cfg: TrainConfig):
         method = STEUniform(cfg.act_bits, cfg.weight_bits)
     model = quant.QuantModel(method.prepare(net))
     return model, method
+
+
+def load_float_weights(net, path: str, model_name: str):
+    """Float weights (conv/linear weights and biases, batch norm) into the zoo net `net`, from
+    a mixq checkpoint of the same model (any method keeping float weights: ste-uniform, clado)
+    or a plain state dict of the net (e.g. torchvision's resnet18/50 weights for
+    `net.load_state_dict`). Every conv/linear weight must be there with its shape."""
+    import torch
+    from pathlib import Path
+    if not Path(path).is_file():
+        raise ValueError(f"--init-from {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated/foreign files
+        raise ValueError(f"--init-from {path}: not a readable checkpoint ({type(e).__name__})") from None
+    if isinstance(state, dict) and {"model", "config"} <= set(state):        # a mixq checkpoint
+        other = state["config"].get("model") if isinstance(state["config"], dict) else None
+        if other != model_name:
+            raise ValueError(f"--init-from {path}: a checkpoint of model '{other}', not '{model_name}'")
+        state = {k[len("net."):]: v for k, v in state["model"].items() if k.startswith("net.")}
+    if not isinstance(state, dict):
+        raise ValueError(f"--init-from {path}: not a state dict")
+    own = net.state_dict()
+    for name, m in net.named_modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
+            key = f"{name}.weight"
+            if key not in state:
+                raise ValueError(f"--init-from {path}: no float weight for layer '{name}' (a CSQ or BSQ "
+                                 "checkpoint keeps no float weights)")
+    loaded = {k: v for k, v in state.items() if k in own}
+    for k, v in loaded.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"--init-from {path}: '{k}' has shape {tuple(v.shape)}, the model's is {tuple(own[k].shape)}")
+    net.load_state_dict(loaded, strict=False)

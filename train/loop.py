@@ -18,7 +18,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -207,14 +207,17 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     cfg.validate()
     out = Path(out_dir)
     ckpt_path = out / "checkpoint.pt"
-    state = resume_state(ckpt_path, cfg) if resume else None
+    # a run killed during its warm-up has no checkpoint of its own yet: it resumes the warm-up
+    warming = cfg.warmup_epochs and not ckpt_path.exists()
+    state = resume_state(ckpt_path, cfg) if resume and not warming else None
+    init = warm_up(cfg, out) if state is None and cfg.warmup_epochs else cfg.init_from
     proc = start_process(cfg)
     spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed)
     cfg.num_classes, cfg.input_shape = spec.num_classes, spec.input_shape
     torch.manual_seed(cfg.seed)
     calib = calibration_images(spec)
     if state is None:
-        model, method = build(cfg)
+        model, method = build(cfg, init)
         calibrate(model, calib[0])
         start_epoch, history = 0, []
         if proc.main:
@@ -279,6 +282,18 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
         dist.barrier()
         dist.destroy_process_group()
     return metrics
+
+
+def warm_up(cfg: TrainConfig, out: Path) -> str:
+    """The warm-up sub-run in RUN/warmup: 8-bit STE weights (from --init-from, or the zoo's
+    initialization) trained for --warmup-epochs; its float weights start the CSQ/BSQ run. A
+    finished warm-up is reused, a killed one resumed."""
+    wdir = out / "warmup"
+    if not (wdir / "metrics.json").exists():
+        warm = replace(cfg, method="ste-uniform", weight_bits=8, epochs=cfg.warmup_epochs,
+                       finetune_epochs=None, warmup_epochs=0)
+        train(warm, str(wdir), resume=(wdir / "checkpoint.pt").exists())
+    return str(wdir / "checkpoint.pt")
 
 
 def make_train_loader(spec, cfg: TrainConfig, proc: Proc):
@@ -410,6 +425,7 @@ def summarize(model, method, cfg, history, spec) -> dict:
         "avg_bits_weighted": sum(r["params"] * r["precision"] for r in layers) / params,
         "storage_bits": storage, "compression": 32.0 / storage, "params": params,
         "epochs": len(history), "search_epochs": cfg.search(), "finetune_epochs": cfg.finetune(),
+        "warmup_epochs": cfg.warmup_epochs, "init_from": cfg.init_from,
         "train_seconds": round(sum(h["seconds"] for h in history), 2),
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
         "layers": layers,
