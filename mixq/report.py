@@ -7,8 +7,9 @@ as markdown, --png the accuracy vs weight size plot (one series per method), --j
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from mixq.train.loop import atomic_write, save_png
 
 COLUMNS = [("run", "run"), ("method", "method"), ("target", "target"), ("avg bits", "avg_bits"),
            ("storage bits", "storage_bits"), ("weights KiB", "weight_kib"), ("compression", "compression"),
@@ -77,12 +78,6 @@ def markdown(rows: list) -> str:
     return "\n".join(out) + "\n"
 
 
-def atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def plot(rows: list, path: Path):
     import matplotlib
     matplotlib.use("Agg")
@@ -99,10 +94,7 @@ def plot(rows: list, path: Path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_png(fig, path)
 
 
 def run(args) -> int:
@@ -112,7 +104,7 @@ def run(args) -> int:
     else:
         print(text_table(rows))
     if args.md:
-        atomic_write_text(Path(args.md), markdown(rows))
+        atomic_write(Path(args.md), markdown(rows))
     if args.png:
         plot(rows, Path(args.png))
     return 0

@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixq.train import quant
 from mixq.train.methods import Method
 from mixq.train.quant import N_BITS, BitInfo, round_ste
 
@@ -97,31 +96,33 @@ class BSQMixin:
         self.bit_planes_pos.clamp_(0, 2)
         self.bit_planes_neg.clamp_(0, 2)
 
-    @torch.no_grad()
-    def requantize(self, lo: int, hi: int):
-        """Write the current integer weight again as {0, 1} planes over the span [lo, hi]
-        (clipping to its range, rounding to its lowest bit), keeping the scale."""
-        q, _ = self.integer_weight()
-        q = q.to(self.scale.device) << self._span[0]                  # in units of s/255
-        step = 1 << lo
-        q = torch.div(q + (step >> 1), step, rounding_mode="floor")  # round half up to 2^lo
-        qmax = (1 << (hi - lo + 1)) - 1
-        q = q.clamp(-qmax, qmax) << lo
-        self.bit_planes_pos.copy_(binary_planes(q.clamp(min=0)))
-        self.bit_planes_neg.copy_(binary_planes((-q).clamp(min=0)))
+    def _set_span(self, lo: int, hi: int):
         self.kept_low.fill_(lo)
         self.kept_high.fill_(hi)
         self._span = (lo, hi)
 
     @torch.no_grad()
+    def requantize(self, lo: int, hi: int):
+        """Write the current integer weight again as {0, 1} planes over the span [lo, hi]
+        (clipping to its range, rounding to its lowest bit), keeping the scale."""
+        q = respan(self.integer_weight()[0] << self._span[0], lo, hi).to(self.scale.device)
+        self.bit_planes_pos.copy_(binary_planes(q.clamp(min=0)))
+        self.bit_planes_neg.copy_(binary_planes((-q).clamp(min=0)))
+        self._set_span(lo, hi)
+
+    @torch.no_grad()
     def removal_cost(self, lo: int, hi: int) -> float:
         """Relative L2 change of the weight if the span became [lo, hi] (0: the planes dropped are empty)."""
-        q, _ = self.integer_weight()
-        q = q << self._span[0]
-        step = 1 << lo
-        r = (torch.div(q + (step >> 1), step, rounding_mode="floor").clamp(-((1 << (hi - lo + 1)) - 1),
-                                                                         (1 << (hi - lo + 1)) - 1)) << lo
-        return float((r - q).double().norm() / q.double().norm().clamp_min(1e-12))
+        q = self.integer_weight()[0] << self._span[0]
+        return float((respan(q, lo, hi) - q).double().norm() / q.double().norm().clamp_min(1e-12))
+
+
+def respan(q: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Integers q (in units of s/255) on the span [lo, hi]: rounded half up to a multiple of
+    2^lo, clipped to +-(2^(hi-lo+1) - 1) * 2^lo."""
+    step = 1 << lo
+    qmax = (1 << (hi - lo + 1)) - 1
+    return torch.div(q + (step >> 1), step, rounding_mode="floor").clamp(-qmax, qmax) << lo
 
 
 def binary_planes(mag: torch.Tensor) -> torch.Tensor:
@@ -164,14 +165,11 @@ class BSQ(Method):
         super().__init__(act_bits)
         self.target, self.epochs, self.finetune_epochs = target_bits, epochs, finetune_epochs
         self.lam, self.reach = lam, reach
-        self.adjusted_at, self.epoch = None, 0.0
+        self.epoch = 0.0
         self.calibration = None
 
     def convert(self, m):
         return (BSQConv2d if isinstance(m, nn.Conv2d) else BSQLinear).from_float(m)
-
-    def layers(self):
-        return [m for _, m in quant.quant_layers(self.model)]
 
     def precisions(self) -> list:
         return [layer.bit_info().precision for layer in self.layers()]
@@ -188,8 +186,7 @@ class BSQ(Method):
     def on_epoch(self, epoch: float):
         self.epoch = epoch
         e = int(epoch)
-        if e == epoch and e != self.adjusted_at and 0 < e <= self.epochs:
-            self.adjusted_at = e
+        if e == epoch and 0 < e <= self.epochs:      # called once per step: e == epoch at step 0 only
             self.adjust(self.allowed(e))
 
     def attach_data(self, x, y):
@@ -247,9 +244,7 @@ class BSQ(Method):
         (lo, hi), pos, neg = saved
         layer.bit_planes_pos.copy_(pos)
         layer.bit_planes_neg.copy_(neg)
-        layer.kept_low.fill_(lo)
-        layer.kept_high.fill_(hi)
-        layer._span = (lo, hi)
+        layer._set_span(lo, hi)
         return value
 
     def regularizer(self):

@@ -56,21 +56,19 @@ class CLADOMixin:
         if "bits" in self._buffers:               # not while from_float copies the float layer
             self.weight_bits = int(self.bits)
 
-
-class CLADOConv2d(CLADOMixin, quant.STEConv2d):
     @classmethod
-    def from_float(cls, m: nn.Conv2d, bits: int = WARMUP_BITS):
-        q = super().from_float(m, bits)
+    def from_float(cls, m, bits: int = WARMUP_BITS):
+        q = super().from_float(m, bits)           # STEConv2d / STELinear
         q._init_clado()
         return q
+
+
+class CLADOConv2d(CLADOMixin, quant.STEConv2d):
+    pass
 
 
 class CLADOLinear(CLADOMixin, quant.STELinear):
-    @classmethod
-    def from_float(cls, m: nn.Linear, bits: int = WARMUP_BITS):
-        q = super().from_float(m, bits)
-        q._init_clado()
-        return q
+    pass
 
 
 def candidates(target: float) -> list:
@@ -126,14 +124,11 @@ class CLADO(Method):
         super().__init__(act_bits)
         self.target, self.epochs, self.finetune_epochs = target_bits, epochs, finetune_epochs
         self.calibration = None
-        self.allocation = None
-        self.done = False               # allocated (also read back from the layers on resume)          # {"choices", "diag", "cross", "precisions"} once measured
+        self.allocation = None          # {"choices", "precisions", "base_loss"} once measured
+        self.done = False               # allocated (also read back from the layers on resume)
 
     def convert(self, m):
         return (CLADOConv2d if isinstance(m, nn.Conv2d) else CLADOLinear).from_float(m)
-
-    def layers(self):
-        return [m for _, m in quant.quant_layers(self.model)]
 
     def attach_data(self, x, y):
         self.calibration = (x[:CALIBRATION_IMAGES], y[:CALIBRATION_IMAGES])

@@ -3,6 +3,9 @@ from it, used by training, --resume and freeze alike."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
 
 from mixq.models import build_model
 from mixq.train import quant
@@ -127,8 +130,6 @@ def load_float_weights(net, path: str, model_name: str):
     a mixq checkpoint of the same model (any method keeping float weights: ste-uniform, clado)
     or a plain state dict of the net (e.g. torchvision's resnet18/50 weights for
     `net.load_state_dict`). Every conv/linear weight must be there with its shape."""
-    import torch
-    from pathlib import Path
     if not Path(path).is_file():
         raise ValueError(f"--init-from {path}: no such file")
     try:

@@ -41,6 +41,9 @@ class Method:
     def convert(self, module):
         raise NotImplementedError
 
+    def layers(self):
+        return [m for _, m in quant.quant_layers(self.model)]
+
     def on_epoch(self, epoch: int):
         pass
 
@@ -138,9 +141,6 @@ class CSQ(Method):
     def convert(self, m):
         cls = quant.CSQConv2d if isinstance(m, torch.nn.Conv2d) else quant.CSQLinear
         return cls.from_float(m, self.init_logit, self.mask_init, next(self._init_bits))
-
-    def layers(self):
-        return [m for _, m in quant.quant_layers(self.model)]
 
     def on_epoch(self, epoch: float):
         finetune = epoch >= self.epochs
