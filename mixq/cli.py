@@ -10,7 +10,7 @@ import sys
 
 # command -> module exposing add_arguments(parser) and run(args) -> int
 COMMANDS = {
-    "train": ("mixq.train.cli", "train a quantized model (CSQ; peers BSQ, CLADO; STE-uniform)"),
+    "train": ("mixq.train.cli", "train a quantized model (CSQ; peers BSQ, CLADO; STE- and CSQ-uniform)"),
     "freeze": ("mixq.freeze", "harden a checkpoint into an integer-only graph"),
     "eval": ("mixq.evaluate", "run the golden NumPy interpreter on a dataset"),
     "inspect": ("mixq.inspect", "table of a frozen model's layers, bits and bytes"),

@@ -102,21 +102,36 @@ def _cifar10(data_dir: str | None) -> DataSpec:
 
 
 def crop_flip(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Random 4-pixel-padded crop + horizontal flip, per image, on a batch tensor."""
+    """Random 4-pixel-padded crop + horizontal flip, per image, on a batch tensor, on the
+    batch's device (random numbers drawn there too: no host round trip on a GPU)."""
     n, _, h, w = x.shape
+    dev = x.device
     xp = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    out = _crop(xp, torch.randint(0, 2 * pad + 1, (n,)), torch.randint(0, 2 * pad + 1, (n,)), h, w)
-    flip = torch.rand(n) < 0.5
-    out[flip] = out[flip].flip(3)
-    return out
+    out = _crop(xp, torch.randint(0, 2 * pad + 1, (n,), device=dev), torch.randint(0, 2 * pad + 1, (n,), device=dev), h, w)
+    flip = (torch.rand(n, device=dev) < 0.5).view(n, 1, 1, 1)
+    return torch.where(flip, out.flip(3), out)
 
 
 def _crop(xp, i, j, h, w):
-    idx_h = (i.view(-1, 1) + torch.arange(h)).to(xp.device)
-    idx_w = (j.view(-1, 1) + torch.arange(w)).to(xp.device)
+    idx_h = i.view(-1, 1) + torch.arange(h, device=xp.device)
+    idx_w = j.view(-1, 1) + torch.arange(w, device=xp.device)
     n, c = xp.shape[:2]
     out = xp.gather(2, idx_h.view(n, 1, h, 1).expand(n, c, h, xp.shape[3]))
     return out.gather(3, idx_w.view(n, 1, 1, w).expand(n, c, h, w))
+
+
+def resident_tensors(ds) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(images, labels) of an in-memory dataset (a TensorDataset or a Subset of one), or None
+    for a dataset that decodes files per item."""
+    if isinstance(ds, torch.utils.data.Subset):
+        inner = resident_tensors(ds.dataset)
+        if inner is None:
+            return None
+        idx = torch.as_tensor(ds.indices, dtype=torch.long)
+        return inner[0][idx], inner[1][idx]
+    if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) == 2:
+        return ds.tensors[0], ds.tensors[1]
+    return None
 
 
 def _cifar_cached(path: Path):

@@ -300,9 +300,11 @@ def test_min_layer_bits_guard_lifts_the_best_dropped_bits_while_the_mask_can_mov
     method.on_epoch(3.5)
     assert model.conv.kept_bits() == [1, 3]
     with torch.no_grad():
-        model.conv.bit_mask_logits.fill_(-1.0)
+        model.conv.bit_mask_logits.copy_(torch.tensor([-1.0, -0.9, -1.2, -1.3, -1.4, -1.5, -1.6, -1.7]))
     method.on_epoch(10.0)                                               # the step that freezes the mask
     assert model.conv.kept_bits() == [0, 1] and bool(model.conv.mask_frozen)
+    # ... and the budget is settled on the other layer: 2 layers x target 3 = 6 bits
+    assert len(model.fc.kept_bits()) == 4 and bool(model.fc.mask_frozen)
     with torch.no_grad():
         model.conv.bit_mask_logits.fill_(-1.0)
     method.on_epoch(11.0)                                               # frozen: left as it is
@@ -315,7 +317,7 @@ def test_min_layer_bits_guard_lifts_the_best_dropped_bits_while_the_mask_can_mov
 # ----------------------------------------------------------------------------- the zoo
 def _zoo_check(name, input_shape, n_layers):
     from mixq.train.config import TrainConfig, build
-    cfg = TrainConfig(model=name, input_shape=input_shape, target_bits=3)
+    cfg = TrainConfig(model=name, input_shape=input_shape, target_bits=3, csq_init="budget")
     model, method = build(cfg)
     # every conv/linear is quantized, every ReLU is an ActQuant, every avg pool is followed by one
     assert not [n for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear, nn.ReLU)]
@@ -347,3 +349,121 @@ def test_frozen_flag_follows_a_loaded_state_dict():
     assert not other.frozen
     other.load_state_dict(layer.state_dict())
     assert other.frozen and torch.equal(other.csq_weight(), layer.csq_weight())
+
+
+# ----------------------------------------------------------------------------- convergence
+def test_beta_saturates_and_the_mask_hardens_without_a_rewind():
+    torch.manual_seed(0)
+    method = CSQ(8, 3.0, 10, 0, lam=0.01, beta_max=200.0, beta_saturate=0.5, mask_hard_at=0.8)
+    model = method.prepare(TwoLayer())
+    method.on_epoch(2.5)
+    assert method.beta == pytest.approx(200 ** 0.5) and not model.conv.frozen
+    method.on_epoch(5.0)
+    assert method.beta == pytest.approx(200)
+    method.on_epoch(7.99)
+    assert not model.conv.frozen
+    method.on_epoch(8.0)                                   # mask final: exact steps, beta stays at its max
+    assert model.conv.frozen and model.fc.frozen and method.beta == pytest.approx(200)
+    assert float(method.regularizer()) == 0.0
+    # every layer shares one beta tensor, filled once per step
+    assert model.conv.beta is model.fc.beta and float(model.conv.beta) == pytest.approx(200)
+
+
+def test_the_mask_becomes_final_on_budget_dropping_the_most_marginal_bits():
+    model, method = prepared(target=3.0)
+    with torch.no_grad():
+        model.conv.bit_mask_logits.copy_(torch.tensor([-0.5, 0.01, 0.3, 0.4, 0.02, 0.6, 0.7, 0.8]))   # 7 kept
+        model.fc.bit_mask_logits.copy_(torch.tensor([-0.9, -0.8, -0.7, -0.6, -0.5, 0.03, 0.5, 0.9]))  # 3 kept
+    method.meet_budget()                                   # 10 kept > 2 x 3: drop the 4 smallest >= 0
+    assert model.conv.kept_bits() == [3, 5, 6, 7] and model.fc.kept_bits() == [6, 7]
+    assert float(model.conv.bit_mask_logits[3]) == pytest.approx(0.4)        # kept logits untouched
+    assert float(model.conv.bit_mask_logits[1]) < 0
+    with torch.no_grad():
+        model.fc.bit_mask_logits.copy_(torch.tensor([-0.9, -0.8, -0.7, -0.6, -0.5, -0.4, -0.1, 0.9]))  # 1 kept
+    method.meet_budget()                                   # 5 kept < 6: the largest dropped logit comes back
+    assert model.fc.kept_bits() == [6, 7] and model.conv.kept_bits() == [3, 5, 6, 7]
+
+
+def test_undecided_counts_gates_not_yet_a_step():
+    layer = csq_conv(cin=1, cout=1, k=1)
+    with torch.no_grad():
+        layer.beta.fill_(10.0)
+        layer.bit_mask_logits.copy_(torch.tensor([-1.0, -0.1, 0.1, 0.2, 0.5, 1.0, 1.0, 1.0]))  # |10 m| < 3: 3 masks
+        layer.bit_logits_pos.fill_(1.0)
+        layer.bit_logits_neg.fill_(-1.0)
+        layer.bit_logits_pos[7] = 0.05                     # one undecided digit in a kept plane
+        layer.bit_logits_pos[0] = 0.0                      # ... and one in a dropped plane: not counted
+    u = layer.undecided().tolist()
+    assert u == [1.0, 2.0 * 6, 3.0, 8.0]               # 6 kept planes x (m_p, m_n) x 1 weight
+    layer.freeze_mask(True)
+    assert layer.undecided().tolist()[2] == 0.0
+
+
+def test_csq_uniform_keeps_the_top_planes_under_a_frozen_mask():
+    from mixq.train.methods import CSQUniform
+    torch.manual_seed(0)
+    method = CSQUniform(8, weight_bits=4, epochs=5)
+    model = method.prepare(TwoLayer())
+    method.on_epoch(0.0)
+    for layer in (model.conv, model.fc):
+        assert layer.kept_bits() == [5, 6, 7] and layer.frozen
+        assert layer.bit_info().storage_bits == 4
+        q, _ = layer.integer_weight()
+        assert int(q.abs().max()) <= 7
+    assert float(method.regularizer()) == 0.0
+    method.on_epoch(4.9)
+    assert method.beta == pytest.approx(200 ** (4.9 / 5))      # annealed over all the epochs
+
+
+def test_fixed_shortcuts_stay_8_bit_outside_the_budget():
+    from mixq.train.config import TrainConfig, build
+    model, method = build(TrainConfig(model="resnet20", input_shape=(3, 32, 32), fixed_shortcuts=True, target_bits=2,
+                                       csq_init="budget"))
+    rows = method.export_bits()
+    fixed = [r for r in rows if r["fixed"]]
+    assert [r["name"] for r in fixed] == ["layers.3.shortcut.0", "layers.6.shortcut.0"]
+    assert all(r["precision"] == 8 for r in fixed) and len(method.layers()) == 20
+    assert method.avg_precision() == 2.0
+    method.on_epoch(1.0)
+    assert all(m.frozen for n, m in quant.quant_layers(method.model) if "shortcut" in n)
+
+
+def test_a_training_step_never_waits_on_the_host(monkeypatch):
+    """No .item() / bool() / .tolist() in the step (schedule, guard, regularizer, forward,
+    backward, optimizer): on a GPU each of those would stall the stream."""
+    from mixq.train.config import TrainConfig
+    from mixq.train.loop import make_optimizers
+    model, method = prepared(target=3.0)
+    x = torch.rand(8, 1, 8, 8)
+    model.train()
+    model(x)                                               # activation clips initialize (once, before training)
+    opts = make_optimizers(model, TrainConfig())
+
+    def stall(*a, **k):
+        raise AssertionError("host sync in the training step")
+    for name in ("item", "__bool__", "tolist", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, stall)
+    for t in (1.0, 1.5):
+        method.on_epoch(t)
+        loss = model(x).logsumexp(1).mean() + method.regularizer()
+        for o in opts.values():
+            o.zero_grad()
+        loss.backward()
+        for o in opts.values():
+            o.step()
+
+
+def test_bit_logit_bound_projects_the_bit_logits_after_each_step():
+    torch.manual_seed(0)
+    method = CSQ(8, 3.0, 10, 0, bit_logit_bound=1.0)
+    model = method.prepare(TwoLayer())
+    with torch.no_grad():
+        model.conv.bit_logits_pos.mul_(3.0)                # |m| = 6
+        mask = model.conv.bit_mask_logits.clone()
+    hard = model.conv.integer_weight()[0]
+    method.after_step()
+    for layer in (model.conv, model.fc):
+        for p in (layer.bit_logits_pos, layer.bit_logits_neg):
+            assert float(p.abs().max()) == 1.0
+    assert torch.equal(model.conv.bit_mask_logits, mask)    # the mask logits are not bounded
+    assert torch.equal(hard, model.conv.integer_weight()[0])        # signs kept: the same hardened weight

@@ -27,12 +27,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mixq import data as datasets
-from mixq.train.config import MIXED, TrainConfig, build
+from mixq.train.config import FIXED, MIXED, TrainConfig, build
 
 CHECKPOINT_KEYS = {"model", "config", "epoch"}
 RESUME_KEYS = CHECKPOINT_KEYS | {"optimizers", "schedulers", "history"}
 # Fault injection for tests: make the loss NaN at this global step (0-based).
 NAN_AT_STEP_ENV = "MIXQ_TEST_NAN_AT_STEP"
+CHECK_EVERY = 50        # steps between host reads of the non-finite-loss flag
 
 
 class TrainError(RuntimeError):
@@ -155,35 +156,47 @@ def is_bit_logit(name: str) -> bool:
 
 
 def make_optimizers(model, cfg: TrainConfig) -> dict:
-    """Two optimizers, both on the same cosine schedule:
+    """Optimizers on one cosine schedule.
 
-    SGD (Nesterov momentum, lr) for the float parameters (weights, BN, CSQ scales, PACT clips)
-    and for the CSQ bit-mask logits m_B (no weight decay on the latter: decay would pull the
-    gates to 1/2). The mask moves by plain gradient steps as in the paper, so the budget term
-    and the task loss weigh against each other by their true magnitudes, and a mask logit that
-    has left the gate's transition region (|beta * m_B| >> 1) effectively stops moving.
+    --recipe paper: one SGD (momentum 0.9, weight decay) over every parameter, bit and mask
+    logits included, as the paper and the authors' code train CSQ.
 
-    Adam (bit_lr) for the bit logits m_p, m_n. Their gradient carries the factor 2^b (plus the
-    layer's scale and beta * sig'), so with one SGD learning rate the top bit planes flip
-    chaotically while the low ones never move; Adam's per-element normalization gives every
-    digit the same step size whatever its plane."""
+    mixq: SGD (Nesterov momentum, lr) for the float parameters (weights, BN, CSQ scales, PACT
+    clips) and for the CSQ bit-mask logits m_B (no weight decay on the latter: decay would
+    pull the gates to 1/2). The mask moves by plain gradient steps as in the paper, so the
+    budget term and the task loss weigh against each other by their true magnitudes, and a
+    mask logit that has left the gate's transition region (|beta * m_B| >> 1) stops moving.
+    The bit logits m_p, m_n use --bit-optimizer at --bit-lr: "sgd" (no decay) has the same
+    property; "adam" normalizes each element's step, so every bit plane moves at the same rate
+    whatever its 2^b factor, but a saturated gate's vanishing gradient is normalized back to a
+    full step, so a decided digit can still flip late in the search."""
     params = list(model.named_parameters())
+    if cfg.recipe == "paper":
+        return {"sgd": torch.optim.SGD([p for _, p in params], lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)}
     bits = [p for n, p in params if is_bit_logit(n) and not n.endswith("bit_mask_logits")]
     masks = [p for n, p in params if n.endswith("bit_mask_logits")]
     decay = [p for n, p in params if not is_bit_logit(n) and p.ndim > 1]
     rest = [p for n, p in params if not is_bit_logit(n) and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest + masks, "weight_decay": 0.0}]
+    if bits and cfg.bit_optimizer == "sgd":
+        groups.append({"params": bits, "weight_decay": 0.0, "lr": cfg.bit_lr})
     opts = {"sgd": torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)}
-    if bits:
+    if bits and cfg.bit_optimizer == "adam":
         opts["adam"] = torch.optim.Adam(bits, lr=cfg.bit_lr, fused=True)
     return opts
 
 
 def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
-    """Cosine decay over the search phase, restarted for the finetune phase (its beta restarts too)."""
+    """Linear warm-up (--lr-warmup-epochs), then cosine decay over the search phase,
+    restarted for the finetune phase (its beta restarts too)."""
     search = cfg.search() * steps_per_epoch
+    warm = cfg.lr_warmup_epochs * steps_per_epoch
+    if step < warm:
+        return (step + 1) / warm
     if step < search:
-        t, span = step, search
+        t, span = step - warm, search - warm
+    elif not cfg.finetune():
+        return 0.0                                      # after the last step: nothing left to train
     else:
         t, span = step - search, cfg.finetune() * steps_per_epoch
     return 0.5 * (1 + math.cos(math.pi * min(t / max(span, 1), 1.0)))
@@ -236,6 +249,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps, cfg)) for k, o in opts.items()}
     if state is not None:
         restore_optimizers(opts, scheds, state, ckpt_path)
+    forward = compiled(net, cfg)
     nan_step = int(os.environ.get(NAN_AT_STEP_ENV, "-1"))
 
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} {cfg.model}", unit="epoch",
@@ -244,17 +258,25 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
         reseed(epoch)
         net.train()
         method.harden(False)
-        loss_sum, reg_sum, t0 = 0.0, 0.0, time.time()
+        t0 = time.time()
+        # loss and regularizer sums and the first non-finite step stay on the device: the step
+        # never waits for the host; they are read every CHECK_EVERY steps and at the epoch's end
+        sums = torch.zeros(2, device=proc.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=proc.device)
         for step, (x, y) in enumerate(tqdm(train_loader, leave=False, unit="batch", disable=not proc.main)):
             method.on_epoch(epoch + step / steps)       # per-step schedule (CSQ: beta)
             x, y = x.to(proc.device, non_blocking=True), y.to(proc.device, non_blocking=True)
             if spec.augment is not None:
                 x = spec.augment(x)
             reg = method.regularizer().to(proc.device)
-            loss = F.cross_entropy(net(x), y) + reg
+            with autocast(cfg, proc.device):
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float(), y) + reg
             if epoch * steps + step == nan_step:
                 loss = loss * float("nan")
-            check_finite(loss, epoch, step, ckpt_path, proc)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+            if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+                check_finite(first_bad, epoch, ckpt_path, proc)
             for o in opts.values():
                 o.zero_grad(set_to_none=True)
             loss.backward()
@@ -262,14 +284,15 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
                 opts[k].step()
                 scheds[k].step()
             method.after_step()
-            loss_sum += loss.item()
-            reg_sum += float(reg.detach())
+            sums += torch.stack([loss.detach(), reg.detach().float()])
         if proc.main:
+            loss_sum, reg_sum = sums.tolist()
             row = epoch_report(model, method, test_loader, proc.device, epoch, steps, loss_sum, reg_sum,
                                time.time() - t0, opts["sgd"])
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.1f}", bits=f"{row['avg_precision']:.2f}")
             save_checkpoint(ckpt_path, model, cfg, epoch, history, opts, scheds)
+            write_history(out, history)                  # to follow a long run as it goes
         if proc.world > 1:
             dist.barrier()
     metrics = None
@@ -296,8 +319,28 @@ def warm_up(cfg: TrainConfig, out: Path) -> str:
     return str(wdir / "checkpoint.pt")
 
 
+class ResidentBatches:
+    """The training batches of an in-memory dataset (digits, CIFAR-10) held on the training
+    device: one index permutation per epoch, then each batch is one gather there. No
+    DataLoader collation, no host-to-device copy per step."""
+
+    def __init__(self, x, y, batch_size: int, gen: torch.Generator, drop_last: bool, device):
+        self.x, self.y = x.to(device), y.to(device)
+        self.batch_size, self.gen, self.drop_last = batch_size, gen, drop_last
+
+    def __len__(self):
+        n = len(self.y)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        order = torch.randperm(len(self.y), generator=self.gen).to(self.x.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
 def make_train_loader(spec, cfg: TrainConfig, proc: Proc):
-    """The shuffled training loader (sharded under DDP) and reseed(epoch): every random stream
+    """The shuffled training batches (sharded under DDP) and reseed(epoch): every random stream
     of an epoch (order, augmentation) is a function of (seed, epoch), so a resumed run repeats
     the epochs it has not done yet exactly."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -306,9 +349,13 @@ def make_train_loader(spec, cfg: TrainConfig, proc: Proc):
         sampler = torch.utils.data.DistributedSampler(spec.train, proc.world, proc.rank, shuffle=True,
                                                       seed=cfg.seed, drop_last=True)
     drop_last = len(spec.train) // proc.world > cfg.batch_size
-    loader = torch.utils.data.DataLoader(spec.train, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                                         generator=gen, drop_last=drop_last, num_workers=spec.workers,
-                                         pin_memory=proc.device.type == "cuda", persistent_workers=spec.workers > 0)
+    resident = datasets.resident_tensors(spec.train) if proc.world == 1 else None
+    if resident is not None:
+        loader = ResidentBatches(*resident, cfg.batch_size, gen, drop_last, proc.device)
+    else:
+        loader = torch.utils.data.DataLoader(spec.train, cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                                             generator=gen, drop_last=drop_last, num_workers=spec.workers,
+                                             pin_memory=proc.device.type == "cuda", persistent_workers=spec.workers > 0)
 
     def reseed(epoch: int):
         torch.manual_seed(cfg.seed * 100003 + epoch * 101 + proc.rank)     # augmentation
@@ -361,28 +408,56 @@ def calibrate(model, x):
         model(x[:256])          # ActQuant initializes its clip from the first batch it sees
 
 
-def check_finite(loss, epoch, step, ckpt_path, proc):
-    bad = ~torch.isfinite(loss.detach())
+def check_finite(first_bad, epoch, ckpt_path, proc):
+    """Stop on the first non-finite loss of the epoch (first_bad: its step, or -1)."""
+    bad = first_bad.clone()
     if proc.world > 1:      # every rank must stop together, or the others hang in all-reduce
-        bad = bad.float()
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bool(bad):
+    step = int(bad)
+    if step >= 0:
         kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
-        raise TrainError(f"loss is {loss.item()} at epoch {epoch} step {step}: training stopped, {kept} "
+        raise TrainError(f"loss is nan at epoch {epoch} step {step}: training stopped, {kept} "
                          "(try a smaller --lr or --bit-lr)")
 
 
+def compiled(net, cfg: TrainConfig):
+    """The training forward: the model itself, or torch.compile'd (--compile)."""
+    if not cfg.compile:
+        return net
+    try:
+        return torch.compile(net)
+    except Exception as e:  # torch raises many types when no compiler backend is usable
+        raise TrainError(f"--compile: torch.compile is not usable here ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+def autocast(cfg: TrainConfig, device: torch.device):
+    """--amp bf16: convolutions and matmuls in bfloat16 (CSQ's weight synthesis and PACT stay
+    fp32: quant.CSQMixin.csq_weight runs with autocast off)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
+
+
+def accuracy(model, loader, device) -> float:
+    pred, labels = predict(model, loader, device)
+    return 100.0 * float((pred == labels).double().mean())
+
+
 def epoch_report(model, method, test_loader, device, epoch, steps, loss_sum, reg_sum, seconds, sgd) -> dict:
+    """One history row. `accuracy` is the hardened network (every gate a unit step: what
+    freeze exports); a relaxing method (CSQ) also reports the relaxed network it trains and
+    the share of its gates not yet a step."""
     method.harden(True)
-    pred, labels = predict(model, test_loader, device)
+    hard = accuracy(model, test_loader, device)
     method.harden(False)
+    relaxed = accuracy(model, test_loader, device) if method.relaxes else None
     layers = method.export_bits()
-    params = sum(r["params"] for r in layers)
+    counted = [r for r in layers if not r.get("fixed")]
+    params = sum(r["params"] for r in counted)
     return {"epoch": epoch, "loss": loss_sum / steps, "regularizer": reg_sum / steps,
-            "accuracy": 100.0 * float((pred == labels).double().mean()),
+            "accuracy": hard, "relaxed_accuracy": relaxed,
+            **(method.undecided() if method.relaxes else {"undecided_bits": None, "undecided_masks": None}),
             "beta": getattr(method, "beta", None), "lr": sgd.param_groups[0]["lr"],
-            "avg_precision": sum(r["precision"] for r in layers) / len(layers),
-            "avg_precision_weighted": sum(r["params"] * r["precision"] for r in layers) / params,
+            "avg_precision": sum(r["precision"] for r in counted) / len(counted),
+            "avg_precision_weighted": sum(r["params"] * r["precision"] for r in counted) / params,
             "seconds": round(seconds, 3), **{f"prec:{r['name']}": r["precision"] for r in layers}}
 
 
@@ -413,19 +488,29 @@ def integer_accuracy(model, cfg, spec) -> dict:
 
 
 def summarize(model, method, cfg, history, spec) -> dict:
+    """metrics.json. Bits: `avg_bits` is the paper's average precision (kept mask bits, mean
+    over the searched layers; a fixed 8-bit shortcut is not counted) and `paper_comp` the
+    paper's Comp = 32 / avg_bits; `storage_bits` is the honest bits per weight over every layer
+    (span + sign, weighted by size) and `compression` = 32 / storage_bits."""
     layers = method.export_bits()
+    counted = [r for r in layers if not r.get("fixed")]
     params = sum(r["params"] for r in layers)
     storage = sum(r["params"] * r["storage_bits"] for r in layers) / params
+    avg_bits = sum(r["precision"] for r in counted) / len(counted)
+    last = history[-1] if history else {}
     return {
-        "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method,
-        "target_bits": cfg.target_bits if cfg.method in MIXED else cfg.weight_bits, "act_bits": cfg.act_bits,
-        "accuracy": history[-1]["accuracy"] if history else None,
-        **integer_accuracy(model, cfg, spec), "test_images": len(spec.test),
-        "avg_bits": sum(r["precision"] for r in layers) / len(layers),
-        "avg_bits_weighted": sum(r["params"] * r["precision"] for r in layers) / params,
+        "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method, "recipe": cfg.recipe,
+        "target_bits": cfg.target_bits if cfg.method in MIXED else cfg.weight_bits,
+        "weight_bits": cfg.weight_bits if cfg.method in FIXED else None, "act_bits": cfg.act_bits,
+        "accuracy": last.get("accuracy"), "relaxed_accuracy": last.get("relaxed_accuracy"),
+        "undecided_bits": last.get("undecided_bits"), "undecided_masks": last.get("undecided_masks"),
+        **integer_accuracy(model, cfg, spec), "test_images": len(spec.test), "train_images": len(spec.train),
+        "avg_bits": avg_bits, "paper_comp": 32.0 / avg_bits if avg_bits else None,
+        "avg_bits_weighted": sum(r["params"] * r["precision"] for r in counted) / sum(r["params"] for r in counted),
         "storage_bits": storage, "compression": 32.0 / storage, "params": params,
         "epochs": len(history), "search_epochs": cfg.search(), "finetune_epochs": cfg.finetune(),
-        "warmup_epochs": cfg.warmup_epochs, "init_from": cfg.init_from,
+        "mask_final_epoch": cfg.search() * cfg.mask_hard_at if cfg.method == "csq" and cfg.mask_hard_at < 1 else None,
+        "warmup_epochs": cfg.warmup_epochs, "init_from": cfg.init_from, "seed": cfg.seed,
         "train_seconds": round(sum(h["seconds"] for h in history), 2),
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
         "layers": layers,
@@ -434,6 +519,11 @@ def summarize(model, method, cfg, history, spec) -> dict:
 
 def write_reports(out: Path, metrics: dict, history: list):
     atomic_write(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    write_history(out, history)
+    plot(out, metrics, history)
+
+
+def write_history(out: Path, history: list):
     keys = list(history[0]) if history else []
     tmp = out / f".history.csv.tmp{os.getpid()}"
     with open(tmp, "w", newline="") as f:
@@ -441,7 +531,6 @@ def write_reports(out: Path, metrics: dict, history: list):
         w.writeheader()
         w.writerows(history)
     os.replace(tmp, out / "history.csv")
-    plot(out, metrics, history)
 
 
 def plot(out: Path, metrics: dict, history: list):
@@ -449,7 +538,7 @@ def plot(out: Path, metrics: dict, history: list):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = [r["name"] for r in metrics["layers"]]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, (ax, acc_ax) = plt.subplots(2, 1, figsize=(8, 7.5), sharex=True, height_ratios=(3, 2))
     epochs = [h["epoch"] + 1 for h in history]
     for n in names:
         ax.plot(epochs, [h[f"prec:{n}"] for h in history], lw=1, alpha=0.6, label=n if len(names) <= 12 else None)
@@ -458,9 +547,23 @@ def plot(out: Path, metrics: dict, history: list):
         ax.axhline(metrics["target_bits"], color="r", ls="--", lw=1, label="target")
         if metrics["finetune_epochs"]:
             ax.axvline(metrics["search_epochs"] + 0.5, color="gray", ls=":", lw=1, label="mask frozen (finetune)")
-    ax.set(xlabel="epoch", ylabel="precision (kept bits)", ylim=(-0.2, 8.5),
-           title=f"{metrics['method']} {metrics['model']}: per-layer precision")
+    if metrics.get("mask_final_epoch") is not None:
+        for a in (ax, acc_ax):
+            a.axvline(metrics["mask_final_epoch"], color="gray", ls="--", lw=1,
+                      label="mask final" if a is ax else None)
+    ax.set(ylabel="precision (kept bits)", ylim=(-0.2, 8.5),
+           title=f"{metrics['method']} {metrics['model']}: per-layer precision, accuracy, undecided gates")
     ax.legend(fontsize=7, ncol=2)
+    acc_ax.plot(epochs, [h["accuracy"] for h in history], "b", lw=2, label="hardened accuracy")
+    if any(h.get("relaxed_accuracy") is not None for h in history):
+        acc_ax.plot(epochs, [h["relaxed_accuracy"] for h in history], "c--", lw=1.5, label="relaxed accuracy")
+        und = acc_ax.twinx()
+        und.plot(epochs, [h["undecided_bits"] for h in history], color="orange", lw=1, label="undecided bit gates %")
+        und.plot(epochs, [h["undecided_masks"] for h in history], color="m", lw=1, label="undecided mask gates %")
+        und.set(ylabel="undecided gates % (|beta m| < 3)", ylim=(-2, 102))
+        und.legend(fontsize=7, loc="center right")
+    acc_ax.set(xlabel="epoch", ylabel="test accuracy %", ylim=(0, 100))
+    acc_ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     save_png(fig, out / "precision.png")
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))

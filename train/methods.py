@@ -12,6 +12,8 @@ Adding a method is one file with its layers and its Method subclass (train/bsq.p
 train/clado.py), registered in train/config.py's METHODS."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from mixq.train import quant
@@ -29,6 +31,7 @@ def layer_report(model) -> list:
 
 class Method:
     name = "base"
+    relaxes = False         # CSQ: the trained (relaxed) network differs from the hardened one
 
     def __init__(self, act_bits: int):
         self.act_bits = act_bits
@@ -56,9 +59,6 @@ class Method:
     def harden(self, hard: bool = True):
         pass
 
-    def state(self) -> dict:
-        return {}
-
     def attach_data(self, x, y):
         pass
 
@@ -81,15 +81,13 @@ def keep_min_bits(layer, k: int, margin: float):
     """Guard, not part of the paper's formula: a layer keeps at least k bits. A BN-followed
     layer's last bit is a pure scale factor, invisible to the task loss while its gate is
     soft, so the budget term can switch it off for free; the hardened layer is then all
-    zeros and a plain CNN is dead. If fewer than k mask logits are >= 0, the largest negative
-    ones are set to +margin (where kept bits start): not to 0, where the gate is most
-    sensitive and the lifted bit would keep flickering, and late in the search (large beta)
-    soak up most of the budget term's push. k = 0 disables the guard."""
+    zeros and a plain CNN is dead. Of the k largest mask logits, those below 0 are set to
+    +margin (where kept bits start): not to 0, where the gate is most sensitive and the lifted
+    bit would keep flickering. Tensor ops only (no host sync): it runs every step. k = 0
+    disables the guard."""
     logits = layer.bit_mask_logits
-    missing = k - int((logits >= 0).sum())
-    if missing > 0:
-        order = torch.argsort(torch.where(logits >= 0, -float("inf"), logits), descending=True)
-        logits[order[:missing]] = margin
+    top = logits.topk(k).indices
+    logits[top] = torch.where(logits[top] < 0, torch.full_like(logits[top], margin), logits[top])
 
 
 class CSQ(Method):
@@ -101,60 +99,143 @@ class CSQ(Method):
     avg_precision the unweighted mean over layers of the hard count of kept bits
     (m_B[b] >= 0), so a model below budget is pushed to grow precision back.
 
-    Temperature: beta = beta_max^(t/T), t the (fractional) epoch of the search phase, T its
-    length. The loop calls on_epoch(epoch + step/steps) before every step, so beta grows
-    smoothly per step instead of jumping 30% per epoch (on a small data set with few epochs a
-    jump visibly shakes the gates); sampled at whole epochs it is the paper's curve. beta
-    starts at beta0 = 1 and reaches beta_max at the end of the search; the finetune phase
-    freezes the bit mask (exact unit steps), rewinds beta to 1 and anneals it again.
+    Temperature: beta = beta_max^(t / (saturate * T)) capped at beta_max, t the (fractional)
+    epoch of the search, T its length: the loop calls on_epoch(epoch + step/steps) before every
+    step, so beta grows smoothly per step; with saturate = 1 and sampled at whole epochs it is
+    the paper's curve (beta_max reached at the last search epoch). One beta tensor is shared by
+    every layer and filled once per step. The optional finetune phase (the paper's ImageNet
+    recipe) freezes the mask, rewinds beta to 1 and anneals it again.
 
-    Initialization (the choice that decides whether a weak budget term meets the budget):
-    every layer starts *at* the budget, with initial_bits(target) bits per layer whose mean is
-    the target. The layer's bit logits hold its float weight rounded to that many bits (best
-    clip) in the top bit planes plus the rounding remainder in the low planes; m_B = +mask_init
-    on the kept planes, -mask_init below. The relaxed weight at beta = 1 approximates the float
-    weight (the dropped planes are half on), the hard weight is its best k-bit rounding, and
-    the budget term only has to arbitrate bits moving between layers. Starting from all 8 bits
-    (m_B = +c everywhere, or the paper code's 0) instead, every mask logit crosses zero at once
-    when the budget term first bites; on digits that overshoots to ~1 bit and the run
-    does not recover in a few dozen epochs.
+    Convergence (the search must end with the hardened network equal to the relaxed one):
+    `mask_hard_at` < 1 turns the mask into exact unit steps for the last part of the search,
+    with no beta rewind and no budget term (the precision is final from there), so the bit
+    logits spend those epochs at high beta under the mask they will be frozen with; the
+    budget term, which counts kept bits with a hard threshold, otherwise keeps pushing the
+    marginal bit back and forth across m_B = 0, where its gate is half open. See README
+    ("Why the search converges") for the measurements behind the defaults.
 
-    Guard (min_layer_bits, default 1; 0 turns it off): see keep_min_bits."""
+    Initialization: `init="full"` (the default, and the paper code's): all 8 bits kept, every
+    m_B = mask_init (0.2; 0 in the paper recipe: every gate at 1/2), the bit logits the float
+    weight's 8-bit digits; the budget term then prunes precision to the target, and layers
+    compete for bits: on CIFAR-10 ResNet-20 the first conv and the classifier keep 6 bits and
+    the wide late convs 2 (README). `init="budget"`: every layer starts *at* the budget, with
+    initial_bits(target) bits per layer whose mean is the target, the float weight rounded to
+    that many bits (best clip) in the top planes plus the remainder below, m_B = +mask_init on
+    the kept planes, -mask_init below. The budget term is then 0 from the start and only the
+    task loss moves the mask: in short runs it hardly does, and the result is uniform.
+
+    Guard (min_layer_bits, default 1; 0 turns it off): see keep_min_bits. Layers named in
+    `fixed_layers` (the paper recipe's ResNet downsampling shortcuts) keep all 8 bits with a
+    frozen mask and are left out of the bit count and the budget."""
     name = "csq"
+    relaxes = True
 
     def __init__(self, act_bits: int, target_bits: float, epochs: int, finetune_epochs: int = 0,
                  lam: float = 0.01, beta_max: float = 200.0, init_logit: float = 2.0,
-                 mask_init: float = 0.2, min_layer_bits: int = 1):
+                 mask_init: float = 0.2, min_layer_bits: int = 1, init: str = "budget",
+                 beta_saturate: float = 1.0, mask_hard_at: float = 1.0, fixed_layers=(),
+                 bit_logit_bound: float = 0.0):
         super().__init__(act_bits)
+        self.bit_logit_bound = bit_logit_bound
         self.min_layer_bits = min_layer_bits
         self.target, self.epochs, self.finetune_epochs = target_bits, epochs, finetune_epochs
         self.lam, self.beta_max = lam, beta_max
-        self.init_logit, self.mask_init = init_logit, mask_init
+        self.init_logit, self.mask_init, self.init = init_logit, mask_init, init
+        self.beta_saturate, self.mask_hard_at = beta_saturate, mask_hard_at
+        self.fixed_layers = tuple(fixed_layers)
         self.beta, self.mask_frozen = 1.0, False
+        self._beta = None           # the one beta tensor every layer's `beta` buffer points to
 
     def prepare(self, model):
         # swap_layers converts Conv2d/Linear in named_modules order: the same order as here
-        layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-        self._init_bits = iter(initial_bits(self.target, [m.weight.numel() for m in layers]))
-        return super().prepare(model)
+        layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+        searched = [m.weight.numel() for n, m in layers if n not in self.fixed_layers]
+        bits = iter(initial_bits(self.target, searched)) if self.init == "budget" else None
+        self._init_bits = iter([None if n in self.fixed_layers or bits is None else next(bits) for n, _ in layers])
+        model = super().prepare(model)
+        for name, layer in quant.quant_layers(model):
+            if name in self.fixed_layers:
+                layer.freeze_mask(True)
+        return model
 
     def convert(self, m):
         cls = quant.CSQConv2d if isinstance(m, torch.nn.Conv2d) else quant.CSQLinear
         return cls.from_float(m, self.init_logit, self.mask_init, next(self._init_bits))
 
+    def layers(self):
+        """The searched layers (the fixed ones are not in the budget or the bit count)."""
+        return [m for n, m in quant.quant_layers(self.model) if n not in self.fixed_layers]
+
+    def all_layers(self):
+        return [m for _, m in quant.quant_layers(self.model)]
+
+    def schedule(self, epoch: float) -> tuple[float, bool]:
+        """(beta, mask hard) at a fractional epoch."""
+        if epoch >= self.epochs:                            # finetune: beta rewound, mask frozen
+            t = (epoch - self.epochs) / max(self.finetune_epochs, 1)
+            return float(self.beta_max ** min(t, 1.0)), True
+        t = epoch / max(self.epochs * self.beta_saturate, 1e-9)
+        return float(self.beta_max ** min(t, 1.0)), epoch >= self.mask_hard_at * self.epochs
+
     def on_epoch(self, epoch: float):
-        finetune = epoch >= self.epochs
-        t, span = (epoch - self.epochs, self.finetune_epochs) if finetune else (epoch, self.epochs)
-        self.beta = float(self.beta_max ** min(t / max(span, 1), 1.0))
-        self.mask_frozen = finetune
+        self.beta, hard = self.schedule(epoch)
+        layers = self.all_layers()
+        if self._beta is None or self._beta.device != layers[0].scale.device:
+            self._beta = layers[0].beta.new_tensor(self.beta)
+            for layer in layers:
+                layer._buffers["beta"] = self._beta
+        self._beta.fill_(self.beta)
+        if self.min_layer_bits and not self.mask_frozen:     # while the mask can move, and as it is frozen
+            for layer in self.layers():
+                keep_min_bits(layer, self.min_layer_bits, max(self.mask_init, 0.2))
+        if hard != self.mask_frozen:
+            if hard and self.lam:
+                self.meet_budget()
+            for layer in self.layers():
+                layer.freeze_mask(hard)
+            self.mask_frozen = hard
+
+    @torch.no_grad()
+    def meet_budget(self):
+        """At the step the mask becomes final: kept bits in all = floor(target * layers), so the
+        average precision lands within one layer's step below the target. The budget term
+        counts bits with a hard threshold and so holds the count within a bit or two of the
+        target, flickering; this settles the last of it by the paper's own measure of how
+        marginal a bit is: over budget, the kept bit with the smallest mask logit goes
+        (never a layer's last bit, nor one the guard keeps); under, the dropped bit with the largest comes
+        back. Those logits sit next to 0, so the relaxed network hardly moves."""
         layers = self.layers()
-        if self.min_layer_bits and not layers[0].frozen:      # while the mask can move, and as it is frozen
-            short = (self.precision_counts() < self.min_layer_bits).nonzero().flatten().tolist()   # one sync
-            for i in short:
-                keep_min_bits(layers[i], self.min_layer_bits, self.mask_init)
-        for layer in layers:
-            layer.beta.fill_(self.beta)
-            layer.freeze_mask(finetune)
+        want = math.floor(self.target * len(layers) + 1e-6)
+        logits = torch.stack([layer.bit_mask_logits for layer in layers])            # [L, 8]
+        kept = logits >= 0
+        while int(kept.sum()) > want:
+            movable = kept & (kept.sum(1, keepdim=True) > max(self.min_layer_bits, 1))
+            if not movable.any():
+                break
+            i = int(torch.where(movable, logits, float("inf")).argmin())
+            kept.view(-1)[i] = False
+        while int(kept.sum()) < want:
+            i = int(torch.where(kept, -float("inf"), logits).argmax())
+            kept.view(-1)[i] = True
+        margin = max(self.mask_init, 0.2)
+        for layer, k, m in zip(layers, kept, logits):
+            layer.bit_mask_logits.copy_(torch.where(k == (m >= 0), m, torch.where(k, margin, -margin)))
+
+    @torch.no_grad()
+    def after_step(self):
+        """--bit-logit-bound B: project the bit logits m_p, m_n back into [-B, B] after each
+        step (0: unbounded). Not a change of the formula: a box constraint on its parameters.
+        Adam's normalized steps keep pushing a digit that is right further into saturation,
+        so unbounded |m| grows without limit and a digit that should flip later needs as many
+        steps back; bounded, any digit is at most B/lr steps from flipping while |beta*m| still
+        grows with beta to B*beta_max at the end of the search."""
+        if self.bit_logit_bound:
+            b = self.bit_logit_bound
+            torch._foreach_clamp_min_(self._bit_logits(), -b)
+            torch._foreach_clamp_max_(self._bit_logits(), b)
+
+    def _bit_logits(self) -> list:
+        return [p for layer in self.all_layers() for p in (layer.bit_logits_pos, layer.bit_logits_neg)]
 
     def precision_counts(self) -> torch.Tensor:
         """Kept bits per layer (hard count), as a tensor: no host sync in the training step."""
@@ -171,11 +252,36 @@ class CSQ(Method):
         return self.lam * delta * torch.stack([layer.mask_penalty() for layer in layers]).sum()
 
     def harden(self, hard: bool = True):
-        for layer in self.layers():
+        for layer in self.all_layers():
             layer.hard = hard
 
-    def state(self) -> dict:
-        return {"beta": self.beta, "avg_precision": self.avg_precision()}
+    def undecided(self) -> dict:
+        """Share (%) of bit and mask gates not yet a step (|beta * m| < 3), over all layers."""
+        u = torch.stack([layer.undecided() for layer in self.all_layers()]).sum(0).tolist()
+        return {"undecided_bits": 100.0 * u[0] / max(u[1], 1), "undecided_masks": 100.0 * u[2] / max(u[3], 1)}
+
+    def export_bits(self) -> list:
+        rows = super().export_bits()
+        for r in rows:
+            r["fixed"] = r["name"] in self.fixed_layers
+        return rows
+
+
+class CSQUniform(CSQ):
+    """The paper's Table IV "CSQ-Uniform": the bit-level relaxation of Eq. (3) at a fixed
+    precision, no bit mask. `weight_bits` K counts the sign as --weight-bits does, so every
+    layer keeps its top K-1 bit planes under a frozen (exact step) mask; there is no budget
+    term. The top K-1 of 8 planes are the paper's K-1-bit representation with the scale
+    multiplied by 2^(9-K)(2^(K-1)-1)/255, which s absorbs."""
+    name = "csq-uniform"
+
+    def __init__(self, act_bits: int, weight_bits: int, epochs: int, beta_max: float = 200.0,
+                 init_logit: float = 2.0, beta_saturate: float = 1.0, bit_logit_bound: float = 0.0):
+        super().__init__(act_bits, weight_bits - 1, epochs, 0, 0.0, beta_max, init_logit, 1.0, 0,
+                         "budget", beta_saturate, 0.0, (), bit_logit_bound)
+
+    def regularizer(self):
+        return torch.zeros((), device=self.layers()[0].scale.device)
 
 
 class STEUniform(Method):

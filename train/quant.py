@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 N_BITS = 8
+UNDECIDED = 3.0         # |beta * logit| below this: the gate is not yet a step (see CSQMixin.undecided)
 
 
 @dataclass
@@ -280,6 +281,11 @@ class CSQMixin:
         return self.bit_mask_logits.detach() >= 0
 
     def csq_weight(self):
+        # fp32 whatever the autocast context (--amp bf16 casts the conv, not the synthesis)
+        with torch.autocast(self.bit_logits_pos.device.type, enabled=False):
+            return self._csq_weight()
+
+    def _csq_weight(self):
         if self.hard:
             return self.hard_weight()
         if self.frozen:
@@ -301,6 +307,24 @@ class CSQMixin:
     def mask_penalty(self):
         """sum_b sig(beta * m_B[b]): the layer's term of the CSQ budget regularizer."""
         return torch.sigmoid(self.beta * self.bit_mask_logits).sum()
+
+    @torch.no_grad()
+    def undecided(self) -> torch.Tensor:
+        """[undecided bit logits, bit logits, undecided mask logits, mask logits] as a float
+        tensor (no host sync): a gate is undecided while |beta * m| < UNDECIDED, i.e. its
+        sigmoid is still between 0.047 and 0.953, so hardening it would move the weight. Bit
+        logits count only in the planes the mask keeps (the others are gated off in the
+        hardened weight); a frozen mask counts as decided."""
+        beta = self.beta
+        kept = _planes(self.kept_mask(), self.bit_logits_pos.ndim - 1)
+        open_bits = lambda m: ((beta * m).abs() < UNDECIDED) & kept
+        bits = (open_bits(self.bit_logits_pos).sum() + open_bits(self.bit_logits_neg).sum()).float()
+        n_bits = 2.0 * kept.sum() * self.bit_logits_pos[0].numel()
+        if self.frozen:
+            masks = torch.zeros((), device=beta.device)
+        else:
+            masks = ((beta * self.bit_mask_logits).abs() < UNDECIDED).sum().float()
+        return torch.stack([bits, n_bits.float(), masks, torch.tensor(float(N_BITS), device=beta.device)])
 
     def kept_bits(self) -> list:
         return [b for b, k in enumerate(self.kept_mask().tolist()) if k]
