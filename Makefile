@@ -21,7 +21,7 @@ DATA_OPT  := $(if $(DATA_DIR),--data-dir $(DATA_DIR))
 EPOCH_OPT := $(if $(EPOCHS),--epochs $(EPOCHS))
 BOARD_OPT := $(if $(BOARD),--board $(BOARD))
 
-.PHONY: venv train freeze compile deploy compare test test-all bench bench-train arm-board arm-board-stop clean
+.PHONY: venv train freeze compile deploy compare study test test-all bench bench-train arm-board arm-board-stop clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -55,6 +55,16 @@ compare: $(STAMP)
 	        --out runs/$(MODEL)-$$m-w$(TARGET_BITS)a$(ACT_BITS) || exit 1; done
 	$(MIXQ) report $(foreach m,$(METHODS),runs/$(MODEL)-$(m)-w$(TARGET_BITS)a$(ACT_BITS)) \
 	    --md $(COMPARE).md --png $(COMPARE).png
+
+# The CSQ paper's trends on real CIFAR-10 (ResNet-20; Tables IV and V, BSQ and CLADO): trains,
+# freezes, compiles and deploys a grid into ~/.cache/mixq/study/ (outside the work tree, kept
+# across checkouts), writes docs/study.{json,md,png}.
+# Hours on 2 cores; resumable: run it again to continue where it stopped (bench/study.py).
+STUDY_DATA         ?= ../shared/data/cifar10-jpeg.tar.gz
+STUDY_EPOCHS       ?= 20
+STUDY_TRAIN_IMAGES ?= 20000
+study: $(STAMP)
+	$(PY) bench/study.py --data $(STUDY_DATA) --epochs $(STUDY_EPOCHS) --train-images $(STUDY_TRAIN_IMAGES)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -301,14 +301,8 @@ def machine_info() -> dict:
     import onnxruntime
     import torch
     import tvm
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from machine import cpu_name
+    cpu = cpu_name()
     from tvm.target import codegen
     return {"cpu": cpu, "llvm_cpu": str(codegen.llvm_get_system_cpu()), "cores": os.cpu_count(),
             "platform": platform.platform(), "python": platform.python_version(),
