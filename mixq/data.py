@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mixq import fsio
+
 DATASETS = ("digits", "cifar10", "imagenet")
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR_MEAN = np.array([0.4914, 0.4822, 0.4465], dtype=np.float32)
@@ -135,9 +137,8 @@ def _cifar_cached(path: Path):
         raise DataError(f"--data-dir {path}: expected train/ and test/ class folders, a .tar.gz of "
                         "them, or cifar-10-batches-py")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, xtr=arrays[0], ytr=arrays[1], xte=arrays[2], yte=arrays[3])
-    os.replace(tmp, cache)
+    with fsio.atomic_path(cache, DataError) as tmp, open(tmp, "wb") as f:
+        np.savez(f, xtr=arrays[0], ytr=arrays[1], xte=arrays[2], yte=arrays[3])
     return arrays
 
 
