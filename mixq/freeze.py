@@ -22,7 +22,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from mixq import graph as G
+from mixq import fsio, graph as G
 from mixq.train import quant
 
 
@@ -331,7 +331,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    g = freeze_checkpoint(args.checkpoint, args.out)
+    with fsio.DirLock(args.out, FreezeError):
+        g = freeze_checkpoint(args.checkpoint, args.out)
     layers = g.meta["layers"]
     params = sum(r["params"] for r in layers)
     print(f"froze {g.model}: {len(g.ops)} ops, {len(layers)} weight layers, {params} params, "

@@ -4,15 +4,19 @@ Each artifact is written under a temporary name beside its destination and renam
 only once it is complete, so a failed or killed command leaves nothing half-written and the
 previous artifact stays intact until the new one is whole; the temporary is removed on any
 failure. A full disk ends as one line, `no space left on device writing PATH`, raised as the
-calling stage's error class (`error=`).
+calling stage's error class (`error=`). `DirLock` keeps two mixq processes from writing the same
+run, frozen or build directory at once.
 
 Standard library only: the integer graph module (mixq.graph) uses it too."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import tempfile
+import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -118,3 +122,89 @@ def atomic_dir(out_dir, error):
         os.chmod(tmp, 0o777 & ~current_umask())          # mkdtemp makes it 0700
         yield tmp
         replace_dir(tmp, out_dir)
+
+
+# ----------------------------------------------------------------------------- locking
+def _inode(st: os.stat_result) -> tuple:
+    return st.st_dev, st.st_ino
+
+
+def _holder_pid(fd: int) -> str:
+    for _ in range(20):                 # the holder writes its pid right after taking the lock
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.01)
+    return "unknown"
+
+
+class DirLock:
+    """An exclusive lock on a directory mixq writes: `.NAME.lock` beside it, flock()ed and
+    holding the owner's pid. Another process fails at once with
+    `error("DIR: locked by another mixq process (pid N)")`. The kernel drops the lock when its
+    process ends, however it ends; `release()` (the end of a `with` block, or the object being
+    collected) also removes the file. Taking it again in the same process takes it over (a
+    command rerun in one Python session after an error that still holds the first lock)."""
+    # lock file (st_dev, st_ino) -> the DirLock holding it in this process (weakly: dropping the
+    # last reference to a DirLock releases it)
+    _held = weakref.WeakValueDictionary()
+
+    def __init__(self, directory, error):
+        self.directory = Path(directory)
+        target = self.directory.resolve()
+        self.path = target.parent / f".{target.name}.lock"
+        self.pid, self.fd = os.getpid(), None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while self.fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            self.key = _inode(os.fstat(fd))
+            mine = DirLock._held.get(self.key)
+            if mine is not None and mine.fd is not None:
+                os.close(fd)
+                self.fd, mine.fd = mine.fd, None
+                break
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = _holder_pid(fd)
+                os.close(fd)
+                raise error(f"{directory}: locked by another mixq process (pid {pid})") from None
+            try:
+                same = _inode(os.stat(self.path)) == self.key
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+            else:                       # its last holder removed the file meanwhile: open the new one
+                os.close(fd)
+        DirLock._held[self.key] = self
+        try:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, f"{self.pid}\n".encode(), 0)
+        except OSError:                 # a full disk: the lock holds, without the pid
+            pass
+
+    def release(self):
+        if self.fd is None or os.getpid() != self.pid:  # released, or a forked child's copy
+            return
+        if DirLock._held.get(self.key) is self:
+            del DirLock._held[self.key]
+        try:
+            if _inode(os.stat(self.path)) == self.key:
+                os.unlink(self.path)
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:       # interpreter shutdown
+            pass

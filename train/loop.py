@@ -204,6 +204,8 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
 def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     cfg.validate()
     out = Path(out_dir)
+    # one run per directory (rank 0 holds it under torchrun); released when _train returns or the process ends
+    _lock = fsio.DirLock(out, TrainError) if os.environ.get("RANK", "0") == "0" else None
     ckpt_path = out / "checkpoint.pt"
     # a run killed during its warm-up has no checkpoint of its own yet: it resumes the warm-up
     warming = cfg.warmup_epochs and not ckpt_path.exists()
