@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from mixq import fsio, graph as G
 from mixq.train import quant
+from mixq.train.surgery import Tracer
 
 
 class FreezeError(ValueError):
@@ -55,14 +56,6 @@ class Sum:
     shape: tuple
 
 
-class _Tracer(torch.fx.Tracer):
-    LEAVES = (quant.InputQuant, quant.ActQuant, *quant.QUANT_LAYERS)
-
-    def is_leaf_module(self, m, qualname):
-        # any quantized weight layer (CSQ, BSQ, CLADO, STE: they all have integer_weight) is one node
-        return isinstance(m, self.LEAVES) or hasattr(m, "integer_weight") or super().is_leaf_module(m, qualname)
-
-
 def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: dict | None = None) -> G.IntGraph:
     """A hardened QuantModel -> IntGraph (validated, overflow-proven). The model is read on
     the CPU in eval mode and handed back on its device and in its mode."""
@@ -71,7 +64,7 @@ def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: di
     model.cpu().eval()
     try:
         try:
-            fx_graph = _Tracer().trace(model)
+            fx_graph = Tracer().trace(model)
         except Exception as e:
             raise FreezeError(f"model '{model_name}' cannot be traced for freezing ({type(e).__name__}: {str(e)[:120]})") from None
         modules = dict(model.named_modules())

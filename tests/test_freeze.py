@@ -2,6 +2,7 @@
 zoo's bigger structures, and every way a user can hand freeze bad input."""
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,10 +176,11 @@ def test_bad_checkpoints_fail_in_one_line_without_output(digits, tmp_path, capsy
     # not a checkpoint at all
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "junk.pt" in cli_error(["freeze", str(tmp_path / "junk.pt"), "--out", str(out)], capsys)
-    # an unsupported layer type, named
+    # an unsupported layer type, named (mixq train refuses to train it: the weights are built here
+    # with float activations, the same parameters, and saved under an 8-bit config)
     monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
     cfg = TrainConfig(model="gelu-cnn")
-    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(cfg)[0])
+    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
     err = cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
     assert "'net.act'" in err and "GELU" in err
     # a model whose accumulator could overflow, named
@@ -201,7 +203,7 @@ def test_existing_frozen_dir_is_replaced_only_on_success(digits, tmp_path, capsy
     before = G.manifest_sha256(out)
     monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
     cfg = TrainConfig(model="gelu-cnn")
-    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(cfg)[0])
+    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
     cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
     assert G.manifest_sha256(out) == before
     # a directory that is not a frozen model is never overwritten
