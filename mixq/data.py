@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,16 +184,36 @@ def _cifar_from_folder(path: Path):
     return _collect(items)
 
 
-def _cifar_from_batches(path: Path):
-    import pickle  # torchvision's own CIFAR-10 format is pickled; read only from the user's dir
+class _BatchUnpickler(pickle.Unpickler):
+    """The cifar-10-batches-py files are pickles (a dict of bytes, lists of ints and one NumPy
+    uint8 array): admit only the globals that rebuild those, so a crafted file cannot run code."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}'")
+        return super().find_class(module, name)
+
+
+def _read_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file -> (uint8 NHWC images, int64 labels); one line naming the file otherwise."""
+    try:
+        with open(file, "rb") as f:
+            d = _BatchUnpickler(f, encoding="bytes").load()
+        x, y = d[b"data"], np.array(d[b"labels"], dtype=np.int64)
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3 * 32 * 32
+                and y.shape == (len(x),) and ((y >= 0) & (y < 10)).all()):
+            raise ValueError("expected b'data': uint8 [N, 3072] and b'labels': N labels in 0..9")
+    except Exception as e:  # noqa: BLE001 - anything a damaged or foreign pickle raises
+        raise DataError(f"{file}: not a CIFAR-10 python batch file ({type(e).__name__}: {str(e)[:120]})") from None
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
+
+
+def _cifar_from_batches(path: Path):
     def read(names):
-        xs, ys = [], []
-        for n in names:
-            with open(path / n, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            xs.append(d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.array(d[b"labels"], dtype=np.int64))
+        xs, ys = zip(*[_read_batch(path / n) for n in names])
         return np.concatenate(xs), np.concatenate(ys)
 
     xtr, ytr = read([f"data_batch_{i}" for i in range(1, 6)])
