@@ -143,23 +143,30 @@ def _cifar_cached(path: Path):
     return arrays
 
 
-def _decode(data: bytes) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+def _decode(data: bytes, where: str) -> np.ndarray:
+    """One CIFAR-10 image file -> uint8 HWC; one line naming the file if it is not a 32x32 image."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{where}: not a readable image ({type(e).__name__})") from None
+    if img.shape != (32, 32, 3):
+        raise DataError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, CIFAR-10 images are 32x32")
+    return img
 
 
 def _collect(items):
-    """items: (split, class_name, key, bytes) -> sorted uint8 arrays per split."""
+    """items: (split, class_name, key, bytes, where) -> sorted uint8 arrays per split."""
     out = {}
     for split in ("train", "test"):
-        rows = sorted((c, k, d) for s, c, k, d in items if s == split)
+        rows = sorted((c, k, d, w) for s, c, k, d, w in items if s == split)
         if not rows:
             raise DataError(f"CIFAR-10 data has no '{split}' images")
-        classes = sorted({c for c, _, _ in rows})
+        classes = sorted({row[0] for row in rows})
         if tuple(classes) != CIFAR_CLASSES:
             raise DataError(f"CIFAR-10 '{split}' classes are {classes}, expected {list(CIFAR_CLASSES)}")
-        x = np.stack([_decode(d) for _, _, d in rows])
-        y = np.array([CIFAR_CLASSES.index(c) for c, _, _ in rows], dtype=np.int64)
+        x = np.stack([_decode(d, w) for _, _, d, w in rows])
+        y = np.array([CIFAR_CLASSES.index(row[0]) for row in rows], dtype=np.int64)
         out[split] = (x, y)
     return out["train"][0], out["train"][1], out["test"][0], out["test"][1]
 
@@ -172,14 +179,14 @@ def _cifar_from_tar(path: Path):
                 parts = Path(m.name).parts
                 if not m.isfile() or len(parts) < 3 or parts[-3] not in ("train", "test"):
                     continue
-                items.append((parts[-3], parts[-2], parts[-1], tf.extractfile(m).read()))
+                items.append((parts[-3], parts[-2], parts[-1], tf.extractfile(m).read(), f"{path}:{m.name}"))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"--data-dir {path}: unreadable archive ({e})") from None
     return _collect(items)
 
 
 def _cifar_from_folder(path: Path):
-    items = [(s, f.parent.name, f.name, f.read_bytes())
+    items = [(s, f.parent.name, f.name, f.read_bytes(), str(f))
              for s in ("train", "test") for f in (path / s).glob("*/*") if f.is_file()]
     return _collect(items)
 

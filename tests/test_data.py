@@ -169,3 +169,37 @@ def test_cifar_batches_load_without_running_pickled_code(tmp_path, monkeypatch):
     (tmp_path / "missing" / "test_batch").unlink()
     with pytest.raises(data.DataError, match="test_batch: not a CIFAR-10 python batch file"):
         data.load("cifar10", str(tmp_path / "missing"))
+
+
+def test_cifar_image_sizes_are_checked_while_loading(tmp_path, monkeypatch, capsys):
+    """16x16 images (or a mix of sizes) are named with the expected size as they are decoded,
+    before any run directory exists, not after a training run fails inside torch."""
+    from PIL import Image
+
+    from mixq import cli
+    monkeypatch.setenv("MIXQ_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "small"
+    _tiny_cifar(root, per_class=1)
+    for f in sorted(root.glob("*/*/*.png")):
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(f)
+    first = root / "train" / data.CIFAR_CLASSES[0] / "0000.png"
+    with pytest.raises(data.DataError, match=rf"{first}: image is 16x16, CIFAR-10 images are 32x32"):
+        data.load("cifar10", str(root))
+    mixed = tmp_path / "mixed"
+    _tiny_cifar(mixed, per_class=1)
+    odd = mixed / "train" / "dog" / "0000.png"
+    Image.fromarray(np.zeros((40, 32, 3), dtype=np.uint8)).save(odd)
+    with pytest.raises(data.DataError, match=rf"{odd}: image is 32x40, CIFAR-10 images are 32x32"):
+        data.load("cifar10", str(mixed))
+    tar = tmp_path / "mixed.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(mixed, arcname="cifar10")
+    with pytest.raises(data.DataError, match=r"mixed.tar.gz:cifar10/train/dog/0000.png: image is 32x40"):
+        data.load("cifar10", str(tar))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert cli.main(["train", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", str(root),
+                     "--epochs", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{first}: image is 16x16" in err, err
+    assert not run.exists()
