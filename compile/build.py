@@ -10,7 +10,7 @@ The library exports one Relax function, `main(x) -> output`. The default lowerin
 symbolic batch dimension, so one library runs batch 1 (latency) and large batches (bit-exact
 check, accuracy); a whole-graph strategy may fix the batch instead (deploy.json "entry":
 {"batch": B}; the runtime then pads the last chunk).
-The build directory is written atomically (temp dir beside it, renamed into place).
+The build directory is written atomically (temp dir beside it, renamed into place: fsio.atomic_dir).
 """
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ import json
 import os
 import platform
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from mixq import graph as G
+from mixq import fsio, graph as G
 
 BUILD_FORMAT = "mixq-build"
 BUILD_FORMAT_VERSION = 1
@@ -130,23 +129,6 @@ def check_overwritable(out_dir: Path):
                            "overwrite it")
 
 
-def _replace_dir(tmp: Path, out_dir: Path):
-    """Rename `tmp` to `out_dir`; an earlier build there is removed only after that worked."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "build")
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old / "build", out_dir)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def sha256_file(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -227,10 +209,7 @@ def compile_frozen(frozen_dir, target_spec: str, out_dir, strategy: str = "auto"
 
     t0 = time.time()
     ex, info = build_library(graph, target, strategy, options)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o755)
+    with fsio.atomic_dir(out_dir, CompileError) as tmp:
         export(ex, tmp / LIBRARY, compiler)
         seconds = time.time() - t0
         shutil.copytree(frozen_dir, tmp / FROZEN_COPY)
@@ -262,10 +241,6 @@ def compile_frozen(frozen_dir, target_spec: str, out_dir, strategy: str = "auto"
             "compile_seconds": round(seconds, 3),
         }
         (tmp / DEPLOY_JSON).write_text(json.dumps(record, indent=1) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"compiled {graph.model} for {record['arch']} ({config.get('mcpu') or config.get('mtriple') or 'llvm'}) "
         f"in {seconds:.1f} s: {out_dir / LIBRARY} ({record['library_bytes'] / 1024:.0f} KiB)")
     return record

@@ -1,6 +1,7 @@
 """`mixq compile FROZEN_DIR --target host|aarch64|<json> --out BUILD_DIR`."""
 from __future__ import annotations
 
+from mixq import fsio
 from mixq.compile import build
 
 
@@ -39,5 +40,6 @@ def run(args) -> int:
         raise build.CompileError("--tune-board only applies with --tune N")
     options = {"batch": args.batch, "tune_trials": args.tune, "tune_db": args.tune_db,
                "tune_board": args.tune_board}
-    build.compile_frozen(args.frozen_dir, args.target, args.out, args.strategy, options=options)
+    with fsio.DirLock(args.out, build.CompileError):
+        build.compile_frozen(args.frozen_dir, args.target, args.out, args.strategy, options=options)
     return 0

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from mixq import fsio
 
 DATASETS = ("digits", "cifar10", "imagenet")
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -150,29 +153,35 @@ def _cifar_cached(path: Path):
         raise DataError(f"--data-dir {path}: expected train/ and test/ class folders, a .tar.gz of "
                         "them, or cifar-10-batches-py")
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, xtr=arrays[0], ytr=arrays[1], xte=arrays[2], yte=arrays[3])
-    os.replace(tmp, cache)
+    with fsio.atomic_path(cache, DataError) as tmp, open(tmp, "wb") as f:
+        np.savez(f, xtr=arrays[0], ytr=arrays[1], xte=arrays[2], yte=arrays[3])
     return arrays
 
 
-def _decode(data: bytes) -> np.ndarray:
-    from PIL import Image
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+def _decode(data: bytes, where: str) -> np.ndarray:
+    """One CIFAR-10 image file -> uint8 HWC; one line naming the file if it is not a 32x32 image."""
+    from PIL import Image, UnidentifiedImageError
+    try:
+        img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise DataError(f"{where}: not a readable image ({type(e).__name__})") from None
+    if img.shape != (32, 32, 3):
+        raise DataError(f"{where}: image is {img.shape[1]}x{img.shape[0]}, CIFAR-10 images are 32x32")
+    return img
 
 
 def _collect(items):
-    """items: (split, class_name, key, bytes) -> sorted uint8 arrays per split."""
+    """items: (split, class_name, key, bytes, where) -> sorted uint8 arrays per split."""
     out = {}
     for split in ("train", "test"):
-        rows = sorted((c, k, d) for s, c, k, d in items if s == split)
+        rows = sorted((c, k, d, w) for s, c, k, d, w in items if s == split)
         if not rows:
             raise DataError(f"CIFAR-10 data has no '{split}' images")
-        classes = sorted({c for c, _, _ in rows})
+        classes = sorted({row[0] for row in rows})
         if tuple(classes) != CIFAR_CLASSES:
             raise DataError(f"CIFAR-10 '{split}' classes are {classes}, expected {list(CIFAR_CLASSES)}")
-        x = np.stack([_decode(d) for _, _, d in rows])
-        y = np.array([CIFAR_CLASSES.index(c) for c, _, _ in rows], dtype=np.int64)
+        x = np.stack([_decode(d, w) for _, _, d, w in rows])
+        y = np.array([CIFAR_CLASSES.index(row[0]) for row in rows], dtype=np.int64)
         out[split] = (x, y)
     return out["train"][0], out["train"][1], out["test"][0], out["test"][1]
 
@@ -185,28 +194,48 @@ def _cifar_from_tar(path: Path):
                 parts = Path(m.name).parts
                 if not m.isfile() or len(parts) < 3 or parts[-3] not in ("train", "test"):
                     continue
-                items.append((parts[-3], parts[-2], parts[-1], tf.extractfile(m).read()))
+                items.append((parts[-3], parts[-2], parts[-1], tf.extractfile(m).read(), f"{path}:{m.name}"))
     except (tarfile.TarError, EOFError, OSError) as e:
         raise DataError(f"--data-dir {path}: unreadable archive ({e})") from None
     return _collect(items)
 
 
 def _cifar_from_folder(path: Path):
-    items = [(s, f.parent.name, f.name, f.read_bytes())
+    items = [(s, f.parent.name, f.name, f.read_bytes(), str(f))
              for s in ("train", "test") for f in (path / s).glob("*/*") if f.is_file()]
     return _collect(items)
 
 
-def _cifar_from_batches(path: Path):
-    import pickle  # torchvision's own CIFAR-10 format is pickled; read only from the user's dir
+class _BatchUnpickler(pickle.Unpickler):
+    """The cifar-10-batches-py files are pickles (a dict of bytes, lists of ints and one NumPy
+    uint8 array): admit only the globals that rebuild those, so a crafted file cannot run code."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+               ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}
 
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}'")
+        return super().find_class(module, name)
+
+
+def _read_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file -> (uint8 NHWC images, int64 labels); one line naming the file otherwise."""
+    try:
+        with open(file, "rb") as f:
+            d = _BatchUnpickler(f, encoding="bytes").load()
+        x, y = d[b"data"], np.array(d[b"labels"], dtype=np.int64)
+        if not (isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3 * 32 * 32
+                and y.shape == (len(x),) and ((y >= 0) & (y < 10)).all()):
+            raise ValueError("expected b'data': uint8 [N, 3072] and b'labels': N labels in 0..9")
+    except Exception as e:  # noqa: BLE001 - anything a damaged or foreign pickle raises
+        raise DataError(f"{file}: not a CIFAR-10 python batch file ({type(e).__name__}: {str(e)[:120]})") from None
+    return x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), y
+
+
+def _cifar_from_batches(path: Path):
     def read(names):
-        xs, ys = [], []
-        for n in names:
-            with open(path / n, "rb") as f:
-                d = pickle.load(f, encoding="bytes")
-            xs.append(d[b"data"].reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            ys.append(np.array(d[b"labels"], dtype=np.int64))
+        xs, ys = zip(*[_read_batch(path / n) for n in names])
         return np.concatenate(xs), np.concatenate(ys)
 
     xtr, ytr = read([f"data_batch_{i}" for i in range(1, 6)])

@@ -22,8 +22,9 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from mixq import graph as G
+from mixq import fsio, graph as G
 from mixq.train import quant
+from mixq.train.surgery import Tracer
 
 
 class FreezeError(ValueError):
@@ -55,14 +56,6 @@ class Sum:
     shape: tuple
 
 
-class _Tracer(torch.fx.Tracer):
-    LEAVES = (quant.InputQuant, quant.ActQuant, *quant.QUANT_LAYERS)
-
-    def is_leaf_module(self, m, qualname):
-        # any quantized weight layer (CSQ, BSQ, CLADO, STE: they all have integer_weight) is one node
-        return isinstance(m, self.LEAVES) or hasattr(m, "integer_weight") or super().is_leaf_module(m, qualname)
-
-
 def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: dict | None = None) -> G.IntGraph:
     """A hardened QuantModel -> IntGraph (validated, overflow-proven). The model is read on
     the CPU in eval mode and handed back on its device and in its mode."""
@@ -71,7 +64,7 @@ def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: di
     model.cpu().eval()
     try:
         try:
-            fx_graph = _Tracer().trace(model)
+            fx_graph = Tracer().trace(model)
         except Exception as e:
             raise FreezeError(f"model '{model_name}' cannot be traced for freezing ({type(e).__name__}: {str(e)[:120]})") from None
         modules = dict(model.named_modules())
@@ -82,6 +75,14 @@ def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: di
         return b.finish(meta or {})
     finally:
         model.to(device).train(was_training)
+
+
+def _check_finite(layer: str, what: str, *values, positive: bool = False):
+    """No NaN or inf (nor, with positive, a scale <= 0) reaches an integer cast: one line naming the layer."""
+    arrays = [np.asarray(v, dtype=np.float64) for v in values]
+    if not all(np.isfinite(a).all() and (not positive or (a > 0).all()) for a in arrays):
+        raise FreezeError(f"layer '{layer}': {what} has NaN or inf values{' or is not positive' if positive else ''} "
+                          "(diverged or damaged weights?)")
 
 
 class _Builder:
@@ -111,9 +112,33 @@ class _Builder:
 
     def _int_bias(self, acc: Acc) -> np.ndarray:
         b = np.round(acc.bias / acc.scale)
+        _check_finite(acc.layer, "folded bias", b)
         if np.any(np.abs(b) > 2**30):
             raise FreezeError(f"layer '{acc.layer}': folded bias does not fit int32 (BN gamma ~ 0?)")
         return b.astype(np.int32)
+
+    def _constant_channels(self, acc: Acc, out_scale: float, levels: int | None):
+        """A channel of scale 0 (batch norm gamma = 0: a pruned channel, zero_init_residual) is
+        the constant acc.bias[c] whatever its input. It becomes an ordinary channel of scale
+        out_scale / 2^s, with 2^(s-1) above its accumulator bound, and bias q * out_scale: the
+        integer bias is then q * 2^s and requantizing to out_scale gives exactly q for every input
+        (q = the constant's level, clipped to 0..levels under a ReLU)."""
+        const = np.flatnonzero(acc.scale == 0)
+        if not len(const) or acc.kind == "avgpool":
+            return
+        t = self.tensors[acc.input.name]
+        x_max = (1 << t.bits) - 1 if t.dtype == "uint8" else (1 << (t.bits - 1)) - 1
+        w = acc.arrays["weight"].astype(np.int64)
+        bound = np.abs(w).reshape(len(w), -1).sum(axis=1) * x_max          # |acc| per channel
+        q = np.rint(acc.bias / out_scale)
+        if levels is not None:
+            q = np.clip(q, 0, levels)
+        for c in const:
+            s = int(bound[c]).bit_length() + 1
+            if abs(q[c]) * 2.0**s + bound[c] > G.INT32_MAX:
+                raise FreezeError(f"layer '{acc.layer}': channel {c} is constant (batch norm gamma = 0) at "
+                                  f"{q[c]:.0f} output levels, more than its int32 accumulator can hold")
+            acc.scale[c], acc.bias[c] = out_scale / 2.0**s, q[c] * out_scale
 
     # -- nodes ---------------------------------------------------------------------------
     def visit(self, node, modules, env):
@@ -136,6 +161,7 @@ class _Builder:
     def _module(self, name, m, x):
         if isinstance(m, quant.InputQuant):
             scale = float(m.scale)
+            _check_finite(name, "input scale", scale, positive=True)
             self.input = self._tensor("input", self.input_shape, "int8", m.bits, scale)
             return Quant("input", scale, self.input_shape)
         if hasattr(m, "integer_weight"):
@@ -165,6 +191,8 @@ class _Builder:
         x = self._need_quant(name, x)
         q, scale = m.integer_weight()
         info = m.bit_info()
+        _check_finite(name, "integer weights", q.numpy())
+        _check_finite(name, "weight scale", scale)
         q = q.numpy().astype(np.int64)
         dtype = G.container_dtype(info.storage_bits)
         lim = (1 << (info.storage_bits - 1)) - 1
@@ -197,14 +225,17 @@ class _Builder:
         inv = g / np.sqrt(m.running_var.double().numpy() + m.eps)
         x.scale = x.scale * inv
         x.bias = (x.bias - m.running_mean.double().numpy()) * inv + beta
+        _check_finite(name, "batch norm (folded scale and bias)", x.scale, x.bias)
         return x
 
     def _act(self, name, m, x):
         if m.bits >= 32:
             raise FreezeError(f"layer '{name}': activations are float (--act-bits 32); an integer graph needs 2..8 bits")
         out_scale = m.scale()
+        _check_finite(name, "activation clip", out_scale, positive=True)
         bits = m.bits
         if isinstance(x, Acc):
+            self._constant_channels(x, out_scale, m.levels)
             real = x.scale / out_scale
             if x.kind == "avgpool":       # one multiplier: the pool's divisor and scale ratio
                 real, arrays = real[:1], {}
@@ -218,6 +249,7 @@ class _Builder:
         inputs, arrays = [], {}
         for i, br in enumerate(branches):
             if isinstance(br, Acc):
+                self._constant_channels(br, out_scale, None)
                 inputs.append(self._raw(br))
                 real = br.scale / out_scale
             else:
@@ -331,7 +363,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    g = freeze_checkpoint(args.checkpoint, args.out)
+    with fsio.DirLock(args.out, FreezeError):
+        g = freeze_checkpoint(args.checkpoint, args.out)
     layers = g.meta["layers"]
     params = sum(r["params"] for r in layers)
     print(f"froze {g.model}: {len(g.ops)} ops, {len(layers)} weight layers, {params} params, "

@@ -1,6 +1,6 @@
 """The integer graph: mixq's contract between freeze, the golden interpreter and compile.
 
-Dependency-light on purpose (NumPy only). Semantics are documented in docs/integer-contract.md;
+Dependency-light on purpose (NumPy and mixq.fsio, which is standard library only). Semantics are documented in docs/integer-contract.md;
 every op below has exactly one NumPy implementation (`_NUMPY_OPS`), which *is* the golden
 reference. `mixq.intsim` runs the same table in torch.
 
@@ -25,12 +25,12 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from mixq import fsio
 
 FORMAT_VERSION = 1
 MAX_SHIFT = 62
@@ -307,24 +307,14 @@ def check_overwritable(out_dir: str | os.PathLike):
         raise GraphError(f"{out_dir}: exists and is not a frozen model directory; refusing to overwrite it")
 
 
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save(graph: IntGraph, out_dir: str | os.PathLike) -> Path:
     """Validate, then write manifest.json + arrays/ atomically: everything goes into a temp dir
     beside `out_dir` that is renamed into place; an earlier frozen model there is replaced only
-    once the new one is complete."""
+    once the new one is complete (fsio.atomic_dir)."""
     validate(graph)
     out_dir = Path(out_dir)
     check_overwritable(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = None
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())          # mkdtemp makes it 0700
+    with fsio.atomic_dir(out_dir, GraphError) as tmp:
         (tmp / "arrays").mkdir()
         ops = []
         for op in graph.ops:
@@ -344,21 +334,6 @@ def save(graph: IntGraph, out_dir: str | os.PathLike) -> Path:
             "ops": ops, "meta": graph.meta,
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "frozen")
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if old is not None:                   # put the previous model back
-                os.replace(old / "frozen", out_dir)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 

@@ -26,13 +26,11 @@ int8 at opset 13. 9-bit weights (all 8 CSQ bits kept) are int16 (opset 21) or, a
 which has no int16 DequantizeLinear, a float32 initializer holding the same values."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from mixq import graph as G
+from mixq import fsio, graph as G
 
 INT4_MIN_ONNXRUNTIME = (1, 19)   # CPU EP int4 Q/DQ: onnxruntime PR #20362, first released in 1.19
 
@@ -255,15 +253,7 @@ def write_atomic(model, out_path) -> Path:
     if out_path.is_dir():
         raise ExportError(f"{out_path}: is a directory; give the .onnx file to write")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.SerializeToString())
-        os.chmod(tmp, 0o666 & ~G.current_umask())         # mkstemp makes it 0600
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsio.write_bytes(out_path, model.SerializeToString(), ExportError)
     return out_path
 
 

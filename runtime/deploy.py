@@ -10,15 +10,13 @@ on the board, and writes BUILD_DIR/report.json.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from mixq import data as datasets
-from mixq import graph as G
+from mixq import fsio, graph as G
 from mixq.compile import build as B
 from mixq.runtime import session as S
 
@@ -218,10 +216,7 @@ def _run_on_board(record, build_dir, board, xq, y, graph, repeat, batch_size, pr
 
 
 def write_report(path: Path, report: dict):
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".json", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, path)
+    fsio.write_text(path, json.dumps(report, indent=1) + "\n", DeployError)
 
 
 def summary(r: dict, build_dir: Path) -> str:

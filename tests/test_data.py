@@ -119,3 +119,87 @@ def test_real_cifar10_decodes_in_reasonable_time(tmp_path, monkeypatch):
     assert len(spec.train) == 50000 and len(spec.test) == 10000
     assert torch.bincount(spec.test.tensors[1]).tolist() == [1000] * 10
     assert first < 300 and cached < 30
+
+
+def _batches_dir(root: Path, protocol: int) -> dict:
+    """A cifar-10-batches-py directory of tiny batches, pickled as the real files are (a dict of
+    bytes keys, a uint8 [N, 3072] array, a list of labels)."""
+    import pickle
+    rng = np.random.default_rng(protocol)
+    root.mkdir(parents=True)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        d = {b"batch_label": name.encode(), b"labels": [int(v) for v in rng.integers(0, 10, 3)],
+             b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8), b"filenames": [b"a.png"] * 3}
+        (root / name).write_bytes(pickle.dumps(d, protocol=protocol))
+        batches[name] = d
+    return batches
+
+
+class _Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_cifar_batches_load_without_running_pickled_code(tmp_path, monkeypatch):
+    import pickle
+    monkeypatch.setenv("MIXQ_CACHE", str(tmp_path / "cache"))
+    for protocol in (2, 4, 5):
+        root = tmp_path / f"p{protocol}" / "cifar-10-batches-py"
+        batches = _batches_dir(root, protocol)
+        spec = data.load("cifar10", str(root.parent))
+        assert spec.test.tensors[1].tolist() == batches["test_batch"][b"labels"]
+        img = (spec.test.tensors[0][2].permute(1, 2, 0).numpy() * data.CIFAR_STD + data.CIFAR_MEAN) * 255
+        assert np.abs(img - batches["test_batch"][b"data"][2].reshape(3, 32, 32).transpose(1, 2, 0)).max() < 1e-3
+    # a crafted data_batch_1 is refused before its payload runs; random bytes are one line too
+    root = tmp_path / "evil" / "cifar-10-batches-py"
+    _batches_dir(root, 4)
+    marker = tmp_path / "payload-ran"
+    (root / "data_batch_1").write_bytes(pickle.dumps({b"data": _Payload(marker), b"labels": []}))
+    with pytest.raises(data.DataError, match=r"data_batch_1: not a CIFAR-10 python batch file.*pathlib"):
+        data.load("cifar10", str(root))
+    assert not marker.exists()
+    (root / "data_batch_1").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(data.DataError, match="data_batch_1: not a CIFAR-10 python batch file"):
+        data.load("cifar10", str(root))
+    _batches_dir(tmp_path / "missing", 4)
+    (tmp_path / "missing" / "test_batch").unlink()
+    with pytest.raises(data.DataError, match="test_batch: not a CIFAR-10 python batch file"):
+        data.load("cifar10", str(tmp_path / "missing"))
+
+
+def test_cifar_image_sizes_are_checked_while_loading(tmp_path, monkeypatch, capsys):
+    """16x16 images (or a mix of sizes) are named with the expected size as they are decoded,
+    before any run directory exists, not after a training run fails inside torch."""
+    from PIL import Image
+
+    from mixq import cli
+    monkeypatch.setenv("MIXQ_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "small"
+    _tiny_cifar(root, per_class=1)
+    for f in sorted(root.glob("*/*/*.png")):
+        Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(f)
+    first = root / "train" / data.CIFAR_CLASSES[0] / "0000.png"
+    with pytest.raises(data.DataError, match=rf"{first}: image is 16x16, CIFAR-10 images are 32x32"):
+        data.load("cifar10", str(root))
+    mixed = tmp_path / "mixed"
+    _tiny_cifar(mixed, per_class=1)
+    odd = mixed / "train" / "dog" / "0000.png"
+    Image.fromarray(np.zeros((40, 32, 3), dtype=np.uint8)).save(odd)
+    with pytest.raises(data.DataError, match=rf"{odd}: image is 32x40, CIFAR-10 images are 32x32"):
+        data.load("cifar10", str(mixed))
+    tar = tmp_path / "mixed.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(mixed, arcname="cifar10")
+    with pytest.raises(data.DataError, match=r"mixed.tar.gz:cifar10/train/dog/0000.png: image is 32x40"):
+        data.load("cifar10", str(tar))
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert cli.main(["train", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", str(root),
+                     "--epochs", "1", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{first}: image is 16x16" in err, err
+    assert not run.exists()

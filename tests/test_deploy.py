@@ -7,7 +7,9 @@ The session fixture trains digits for a few epochs, freezes and compiles once (~
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -73,6 +75,14 @@ def test_digits_deploy_is_bit_exact_on_the_whole_test_split(digits):
     assert report["board"].startswith("local RPC server 127.0.0.1:") and report["emulated"] is False
     assert report["target"]["kind"] == "llvm" and report["arch"] == report["board_arch"]
     assert "bit-exact vs golden interpreter: yes" in deployed.stdout and "latency" in deployed.stdout
+
+
+def test_report_json_follows_the_umask_like_every_artifact(digits):
+    run, _ = digits
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (run / "build-host").iterdir() if p.is_file()}
+    assert mode == {"model.so": mode["model.so"], "deploy.json": 0o666 & ~umask, "report.json": 0o666 & ~umask}
 
 
 def test_compiled_library_matches_golden_independently(digits):

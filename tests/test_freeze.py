@@ -2,6 +2,7 @@
 zoo's bigger structures, and every way a user can hand freeze bad input."""
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -175,10 +176,11 @@ def test_bad_checkpoints_fail_in_one_line_without_output(digits, tmp_path, capsy
     # not a checkpoint at all
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     assert "junk.pt" in cli_error(["freeze", str(tmp_path / "junk.pt"), "--out", str(out)], capsys)
-    # an unsupported layer type, named
+    # an unsupported layer type, named (mixq train refuses to train it: the weights are built here
+    # with float activations, the same parameters, and saved under an 8-bit config)
     monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
     cfg = TrainConfig(model="gelu-cnn")
-    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(cfg)[0])
+    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
     err = cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
     assert "'net.act'" in err and "GELU" in err
     # a model whose accumulator could overflow, named
@@ -201,7 +203,7 @@ def test_existing_frozen_dir_is_replaced_only_on_success(digits, tmp_path, capsy
     before = G.manifest_sha256(out)
     monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
     cfg = TrainConfig(model="gelu-cnn")
-    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(cfg)[0])
+    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
     cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
     assert G.manifest_sha256(out) == before
     # a directory that is not a frozen model is never overwritten
@@ -377,3 +379,52 @@ def test_walker_handles_maxpool_downsample_and_bottleneck():
         assert sum(1 for o in g.ops if o.kind == "add" and len(set(o.inputs) & raw) == 2) == {"vgg19bn": 0, "resnet18": 3, "resnet50": 4}[name]
         xq = G.quantize_input(g.input, x)
         assert np.array_equal(G.run(g, xq), intsim.IntSim(g)(xq).numpy()), name
+
+
+def test_zero_gamma_channels_freeze_as_constants_bit_exact():
+    """A BN channel with gamma = 0 (pruned, zero_init_residual) outputs its beta whatever the
+    input: it freezes to that constant exactly, under a ReLU and as a residual branch, instead
+    of a 0/0 bias cast to INT32_MIN and a false overflow refusal."""
+    x, _ = digits_test()
+    model = forced_model("digits-cnn", (1, 8, 8), 8, None, x[:64])
+    bn, act = model.net.features[1], model.net.features[2]
+    with torch.no_grad():
+        bn.weight[:4] = 0
+        bn.bias[:4] = torch.tensor([0.0, 0.3, -0.2, 100.0])        # 0, a level, below 0, above the clip
+    g = freeze_model(model, "digits-cnn", (1, 8, 8))
+    xq = G.quantize_input(g.input, x)
+    gold, env = G.run(g, xq, keep=True)
+    assert np.array_equal(intsim.IntSim(g)(xq).numpy(), gold)
+    with torch.no_grad():       # the fake-quant model's first activation, as integers
+        y = model.net.features[:3](model.input_quant(torch.from_numpy(x)))
+        fq = torch.round(y / ((act.alpha.abs() + 1e-8) / act.levels)).numpy().astype(np.int64)
+    stem = env[g.ops[0].output].astype(np.int64)
+    assert np.array_equal(stem[:, :4], fq[:, :4])
+    assert [int(v) for v in stem[0, :4, 0, 0]] == [0, round(0.3 / act.scale()), 0, act.levels]
+    # zero_init_residual: a whole residual branch is the constant beta, requantized per branch
+    rng = np.random.default_rng(0)
+    xr = rng.normal(size=(4, 3, 32, 32)).astype(np.float32)
+    model = forced_model("resnet20", (3, 32, 32), 8, None, xr)
+    block = model.net.layers[3]
+    with torch.no_grad():
+        block.bn2.weight.zero_()
+    g = freeze_model(model, "resnet20", (3, 32, 32))
+    xq = G.quantize_input(g.input, xr)
+    gold, env = G.run(g, xq, keep=True)
+    assert np.array_equal(intsim.IntSim(g)(xq).numpy(), gold)
+    raw = g.op("net.layers.3.conv2")
+    add = next(o for o in g.ops if raw.output in o.inputs)
+    i = add.inputs.index(raw.output)
+    level = G.rq(env[raw.output], add.arrays[f"multiplier{i}"], add.arrays[f"shift{i}"])
+    want = np.rint(block.bn2.bias.detach().double().numpy() / block.relu2.scale())
+    assert np.array_equal(level, np.broadcast_to(want.reshape(1, -1, 1, 1), level.shape)) and want.any()
+
+
+def test_nan_or_inf_never_reaches_an_integer_cast():
+    x, _ = digits_test()
+    for where, bad in (("net.fc", lambda m: m.net.fc.bias), ("net.features.1", lambda m: m.net.features[1].running_var)):
+        model = forced_model("digits-cnn", (1, 8, 8), 8, None, x[:64])
+        with torch.no_grad():
+            bad(model)[1] = float("nan")
+        with pytest.raises(FreezeError, match=rf"layer '{where}'.*NaN or inf"):
+            freeze_model(model, "digits-cnn", (1, 8, 8))

@@ -17,7 +17,7 @@ import torch
 from mixq import cli
 from mixq.train.config import TrainConfig
 from mixq.train.loop import NAN_AT_STEP_ENV, load_checkpoint, predict, restore_model, train
-from mixq import data
+from mixq import data, models
 
 from conftest import CIFAR, needs_cifar
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -248,6 +248,33 @@ def test_resident_batches_cover_the_data_once_per_epoch_in_a_seeded_order():
 def test_torch_compile_trains(tmp_path):
     m = train(TrainConfig(epochs=2, train_subset=300, compile=True), str(tmp_path / "run"))
     assert m["epochs"] == 2 and m["accuracy"] > 20, m
+
+
+class Relu6CNN(torch.nn.Module):
+    """digits-cnn's shape with activations layer surgery does not quantize: a ReLU6 module and a
+    functional relu."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.act1 = torch.nn.ReLU6()
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 64, num_classes)
+
+    def forward(self, x):
+        x = torch.nn.functional.relu(self.conv2(self.act1(self.conv1(x))))
+        return self.fc(torch.flatten(x, 1))
+
+
+def test_activations_surgery_cannot_quantize_are_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(models.MODELS, "relu6-cnn", Relu6CNN)
+    run = tmp_path / "run"
+    err = cli_error(["train", "--model", "relu6-cnn", "--epochs", "1", "--train-subset", "100", "--out", str(run)], capsys)
+    assert "'net.act1' (ReLU6)" in err and "'net' (F.relu)" in err and "--act-bits 8" in err
+    assert not run.exists()
+    # float activations (--act-bits 32) are what the user asked for: that run trains
+    m = train(TrainConfig(model="relu6-cnn", act_bits=32, epochs=1, train_subset=100), str(run))
+    assert m["int_accuracy"] is None
 
 
 # ----------------------------------------------------------------------------- other methods, DDP

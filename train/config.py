@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from mixq.models import build_model
-from mixq.train import quant
+from mixq.train import quant, surgery
 from mixq.train.bsq import BSQ
 from mixq.train.clado import CLADO
 from mixq.train.methods import CSQ, CSQUniform, STEUniform
@@ -157,6 +157,7 @@ def build(cfg: TrainConfig, init_weights: str | None = None):
     else:
         method = STEUniform(cfg.act_bits, cfg.weight_bits)
     model = quant.QuantModel(method.prepare(net))
+    surgery.check_activations(model, cfg.act_bits, cfg.model)
     return model, method
 
 

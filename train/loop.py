@@ -14,6 +14,7 @@ references), only rank 0 evaluates and writes. The method code does not know abo
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mixq import data as datasets
+from mixq import fsio
 from mixq.train.config import FIXED, MIXED, TrainConfig, build
 
 CHECKPOINT_KEYS = {"model", "config", "epoch"}
@@ -81,15 +83,11 @@ def start_process(cfg: TrainConfig) -> Proc:
 
 
 def atomic_save(obj, path: Path):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    fsio.torch_save(obj, path, TrainError)
 
 
 def atomic_write(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    fsio.write_text(path, text, TrainError)
 
 
 @torch.no_grad()
@@ -219,6 +217,8 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
 def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     cfg.validate()
     out = Path(out_dir)
+    # one run per directory (rank 0 holds it under torchrun); released when _train returns or the process ends
+    _lock = fsio.DirLock(out, TrainError) if os.environ.get("RANK", "0") == "0" else None
     ckpt_path = out / "checkpoint.pt"
     # a run killed during its warm-up has no checkpoint of its own yet: it resumes the warm-up
     warming = cfg.warmup_epochs and not ckpt_path.exists()
@@ -524,13 +524,11 @@ def write_reports(out: Path, metrics: dict, history: list):
 
 
 def write_history(out: Path, history: list):
-    keys = list(history[0]) if history else []
-    tmp = out / f".history.csv.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        w.writerows(history)
-    os.replace(tmp, out / "history.csv")
+    rows = io.StringIO(newline="")
+    w = csv.DictWriter(rows, list(history[0]) if history else [])
+    w.writeheader()
+    w.writerows(history)
+    atomic_write(out / "history.csv", rows.getvalue())
 
 
 def plot(out: Path, metrics: dict, history: list):
@@ -581,7 +579,8 @@ def plot(out: Path, metrics: dict, history: list):
 
 def save_png(fig, path: Path):
     import matplotlib.pyplot as plt
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with fsio.atomic_path(path, TrainError) as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
