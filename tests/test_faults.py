@@ -72,7 +72,9 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path, small_disk, ca
     err = run_error(["train", "--epochs", "3", "--train-subset", "100", "--out", str(run)], capsys)
     assert err == f"mixq train: error: no space left on device writing {run / 'checkpoint.pt'}"
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 0
-    assert leftovers(run.parent) == [] and sorted(p.name for p in run.iterdir()) == ["checkpoint.pt"]
+    # the last good epoch's checkpoint and history (written every epoch), nothing half-written
+    assert leftovers(run.parent) == [] and sorted(p.name for p in run.iterdir()) == ["checkpoint.pt", "history.csv"]
+    assert len((run / "history.csv").read_text().splitlines()) == 2
 
 
 def test_freeze_compile_export_deploy_on_a_full_disk(tmp_path_factory, small_disk, capsys):
