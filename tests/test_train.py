@@ -246,8 +246,8 @@ def test_resident_batches_cover_the_data_once_per_epoch_in_a_seeded_order():
 
 @pytest.mark.slow
 def test_torch_compile_trains(tmp_path):
-    m = train(TrainConfig(epochs=2, train_subset=300, compile=True), str(tmp_path / "run"))
-    assert m["epochs"] == 2 and m["accuracy"] > 20, m
+    m = train(TrainConfig(epochs=10, train_subset=800, compile=True), str(tmp_path / "run"))
+    assert m["epochs"] == 10 and m["accuracy"] > 85, m              # eager: 96.7% (the bf16 test)
 
 
 class Relu6CNN(torch.nn.Module):
@@ -321,7 +321,8 @@ def test_resnet20_on_cifar10_trains_end_to_end(tmp_path):
     assert m["model"] == "resnet20" and len(m["layers"]) == 22 and m["test_images"] == 500
     assert 3 - 1 / 22 - 1e-9 <= m["avg_bits"] <= 3 + 1e-9 and m["epochs"] == 3
     assert 0 <= m["accuracy"] <= 100 and m["int_agreement"] > 90
-    losses = [float(row["loss"]) for row in history(run)]
+    # the task loss (the logged loss includes the budget term, large while all 8 bits are kept)
+    losses = [float(row["loss"]) - float(row["regularizer"]) for row in history(run)]
     assert losses[-1] < losses[0] < 3.0, losses
 
 

@@ -153,7 +153,12 @@ class CSQ(Method):
         bits = iter(initial_bits(self.target, searched)) if self.init == "budget" else None
         self._init_bits = iter([None if n in self.fixed_layers or bits is None else next(bits) for n, _ in layers])
         model = super().prepare(model)
-        for name, layer in quant.quant_layers(model):
+        # the layer lists, once: on_epoch and after_step run every step
+        named = quant.quant_layers(model)
+        self._all = [m for _, m in named]
+        self._searched = [m for n, m in named if n not in self.fixed_layers]
+        self._bit_logits = [p for m in self._all for p in (m.bit_logits_pos, m.bit_logits_neg)]
+        for name, layer in named:
             if name in self.fixed_layers:
                 layer.freeze_mask(True)
         return model
@@ -164,10 +169,10 @@ class CSQ(Method):
 
     def layers(self):
         """The searched layers (the fixed ones are not in the budget or the bit count)."""
-        return [m for n, m in quant.quant_layers(self.model) if n not in self.fixed_layers]
+        return self._searched
 
     def all_layers(self):
-        return [m for _, m in quant.quant_layers(self.model)]
+        return self._all
 
     def schedule(self, epoch: float) -> tuple[float, bool]:
         """(beta, mask hard) at a fractional epoch."""
@@ -201,9 +206,9 @@ class CSQ(Method):
         average precision lands within one layer's step below the target. The budget term
         counts bits with a hard threshold and so holds the count within a bit or two of the
         target, flickering; this settles the last of it by the paper's own measure of how
-        marginal a bit is: over budget, the kept bit with the smallest mask logit goes
-        (never a layer's last bit, nor one the guard keeps); under, the dropped bit with the largest comes
-        back. Those logits sit next to 0, so the relaxed network hardly moves."""
+        marginal a bit is: over budget, the kept bit with the smallest mask logit goes (never a
+        layer's last bit, nor one the guard keeps); under, the dropped bit with the largest
+        comes back. Those logits sit next to 0, so the relaxed network hardly moves."""
         layers = self.layers()
         want = math.floor(self.target * len(layers) + 1e-6)
         logits = torch.stack([layer.bit_mask_logits for layer in layers])            # [L, 8]
@@ -231,11 +236,8 @@ class CSQ(Method):
         grows with beta to B*beta_max at the end of the search."""
         if self.bit_logit_bound:
             b = self.bit_logit_bound
-            torch._foreach_clamp_min_(self._bit_logits(), -b)
-            torch._foreach_clamp_max_(self._bit_logits(), b)
-
-    def _bit_logits(self) -> list:
-        return [p for layer in self.all_layers() for p in (layer.bit_logits_pos, layer.bit_logits_neg)]
+            torch._foreach_clamp_min_(self._bit_logits, -b)
+            torch._foreach_clamp_max_(self._bit_logits, b)
 
     def precision_counts(self) -> torch.Tensor:
         """Kept bits per layer (hard count), as a tensor: no host sync in the training step."""
