@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from mixq import fsio, graph as G
+from mixq.errors import MixqError
 
 BUILD_FORMAT = "mixq-build"
 BUILD_FORMAT_VERSION = 1
@@ -36,7 +37,7 @@ AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+ne
 PRESETS = ("host", "aarch64")
 
 
-class CompileError(ValueError):
+class CompileError(MixqError, ValueError):
     """A user-facing compile failure: the message names the option or file at fault."""
 
 

@@ -33,13 +33,14 @@ import tvm
 from tvm import relax, te, tirx, topi
 
 from mixq import graph as G
+from mixq.errors import MixqError
 
 
 class Unsupported(Exception):
     """A lowering cannot handle this op (on this target); the next registered one is tried."""
 
 
-class LoweringError(ValueError):
+class LoweringError(MixqError, ValueError):
     """No registered lowering handles an op of the graph."""
 
 

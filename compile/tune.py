@@ -20,8 +20,10 @@ import tvm
 from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
 
+from mixq.errors import MixqError
 
-class TuneError(RuntimeError):
+
+class TuneError(MixqError, RuntimeError):
     pass
 
 

@@ -1,12 +1,18 @@
 """`mixq <command>`: one entry point; each command lives in its stage's module.
 
-Errors a user can cause (bad options, files, data) end as one line on stderr and exit 2;
-each stage raises a ValueError/RuntimeError subclass with a message naming the culprit."""
+Errors a user can cause (bad options, files, data, boards) are `MixqError`s (mixq/errors.py):
+they end as one line on stderr, `mixq CMD: error: ...`, and exit 2. Anything else is a bug (in
+mixq, torch or TVM: TVM's InternalError is a RuntimeError) and ends with its traceback.
+MIXQ_DEBUG=1 prints the traceback of user errors too."""
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import traceback
+
+from mixq.errors import MixqError
 
 # command -> module exposing add_arguments(parser) and run(args) -> int
 COMMANDS = {
@@ -19,8 +25,6 @@ COMMANDS = {
     "deploy": ("mixq.runtime.cli", "run a compiled model locally or on a board: exactness, accuracy, latency"),
     "report": ("mixq.report", "runs side by side (methods, budgets, deployments) and the accuracy-size plot"),
 }
-
-USER_ERRORS = (ValueError, RuntimeError, FileNotFoundError, PermissionError, KeyboardInterrupt)
 
 
 def main(argv=None) -> int:
@@ -38,7 +42,9 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("mixq: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except MixqError as e:
+        if os.environ.get("MIXQ_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"mixq {args.command}: error: {msg}", file=sys.stderr)
         return 2

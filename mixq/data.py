@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mixq import fsio
+from mixq.errors import MixqError
 
 DATASETS = ("digits", "cifar10", "imagenet")
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
@@ -27,8 +28,8 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 
 
-class DataError(ValueError):
-    pass
+class DataError(MixqError, ValueError):
+    """A missing, unreadable or unknown data set (one line naming it)."""
 
 
 @dataclass
@@ -62,6 +63,17 @@ def load(name: str, data_dir: str | None = None, train_subset: int | None = None
     if test_subset and test_subset < len(spec.test):
         spec.test = torch.utils.data.Subset(spec.test, list(range(0, len(spec.test), len(spec.test) // test_subset))[:test_subset])
     return spec
+
+
+def check_model_fits(spec: DataSpec, input_shape, output_shape, where: str):
+    """DataError (after `where`) unless a model of this input shape (C, H, W) and output shape
+    (classes,) fits the data set's images and classes."""
+    if tuple(spec.input_shape) != tuple(input_shape):
+        raise DataError(f"{where}: model input {tuple(input_shape)} does not fit dataset '{spec.name}' "
+                        f"images {tuple(spec.input_shape)}")
+    if tuple(output_shape) != (spec.num_classes,):
+        raise DataError(f"{where}: model output {tuple(output_shape)} does not fit dataset '{spec.name}' "
+                        f"with {spec.num_classes} classes")
 
 
 def test_arrays(spec: DataSpec, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ import numpy as np
 
 from mixq import data as datasets
 from mixq import graph as G
+from mixq.errors import MixqError
 
 
 def golden_logits(g: G.IntGraph, x_float: np.ndarray, batch_size: int = 256) -> np.ndarray:
@@ -26,15 +27,9 @@ def run(args) -> int:
     g = G.load(args.frozen_dir)
     name = args.dataset or g.meta.get("dataset", "digits")
     spec = datasets.load(name, args.data_dir)
-    if tuple(spec.input_shape) != tuple(g.input.shape):
-        raise ValueError(f"{args.frozen_dir}: model input {tuple(g.input.shape)} does not fit dataset "
-                         f"'{name}' images {tuple(spec.input_shape)}")
-    out_shape = tuple(g.tensors[g.output].shape)
-    if out_shape != (spec.num_classes,):
-        raise ValueError(f"{args.frozen_dir}: model output {out_shape} does not fit dataset '{name}' "
-                         f"with {spec.num_classes} classes")
+    datasets.check_model_fits(spec, g.input.shape, g.tensors[g.output].shape, args.frozen_dir)
     if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit {args.limit}: must be >= 1")
+        raise MixqError(f"--limit {args.limit}: must be >= 1")
     x, y = datasets.test_arrays(spec, args.limit)
     t0 = time.time()
     pred = golden_logits(g, x).argmax(1)

@@ -23,12 +23,13 @@ import torch.fx
 import torch.nn as nn
 
 from mixq import fsio, graph as G
+from mixq.errors import MixqError
 from mixq.train import quant
 from mixq.train.surgery import Tracer
 
 
-class FreezeError(ValueError):
-    pass
+class FreezeError(MixqError, ValueError):
+    """A checkpoint or model that cannot become an integer graph (one line naming the layer or file)."""
 
 
 @dataclass

@@ -4,10 +4,13 @@ Each artifact is written under a temporary name beside its destination and renam
 only once it is complete, so a failed or killed command leaves nothing half-written and the
 previous artifact stays intact until the new one is whole; the temporary is removed on any
 failure. A full disk ends as one line, `no space left on device writing PATH`, raised as the
-calling stage's error class (`error=`). `DirLock` keeps two mixq processes from writing the same
-run, frozen or build directory at once.
+calling stage's error class (`error=`), and so does a directory the user may not write
+(`permission denied writing PATH`). `check_overwritable` refuses to replace a directory that is
+not an earlier artifact of the same kind. `DirLock` keeps two mixq processes from writing the
+same run, frozen or build directory at once.
 
-Standard library only: the integer graph module (mixq.graph) uses it too."""
+Standard library only at import (matplotlib is imported by save_png when called): the integer
+graph module (mixq.graph) uses it too."""
 from __future__ import annotations
 
 import errno
@@ -63,6 +66,8 @@ def _writing(path: Path, error, cleanup):
         cleanup()
         if full:
             raise error(f"no space left on device writing {path}") from None
+        if isinstance(e, PermissionError):
+            raise error(f"permission denied writing {path}") from None
         raise
 
 
@@ -90,6 +95,29 @@ def torch_save(obj, path, error):
     import torch
     with atomic_path(path, error) as tmp:
         torch.save(obj, tmp)
+
+
+def save_png(fig, path, error, dpi: int = 110):
+    """A matplotlib figure written as PNG to `path` (atomically, as every artifact), then closed."""
+    import matplotlib.pyplot as plt
+    try:
+        with atomic_path(path, error) as tmp:
+            fig.savefig(tmp, dpi=dpi, format="png")
+    finally:
+        plt.close(fig)
+
+
+def check_overwritable(out_dir, is_artifact, what: str, error, label: str = ""):
+    """Refuse (error naming `out_dir`, after `label`, e.g. "--out ") to replace anything but an
+    empty directory or an earlier artifact of the same kind (`is_artifact(out_dir)`, described
+    as `what`): `--out RUN_DIR` or `--out ~` must not wipe a user's files."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise error(f"{label}{out_dir}: exists and is not a directory")
+    if any(out_dir.iterdir()) and not is_artifact(out_dir):
+        raise error(f"{label}{out_dir}: exists and is not {what}; refusing to overwrite it")
 
 
 def replace_dir(tmp: Path, out_dir: Path):
@@ -154,9 +182,14 @@ class DirLock:
         target = self.directory.resolve()
         self.path = target.parent / f".{target.name}.lock"
         self.pid, self.fd = os.getpid(), None
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while self.fd is None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:
+            raise error(f"{directory}: permission denied writing {self.path.parent}") from None
+        while self.fd is None:
+            if fd is None:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             self.key = _inode(os.fstat(fd))
             mine = DirLock._held.get(self.key)
             if mine is not None and mine.fd is not None:
@@ -177,6 +210,7 @@ class DirLock:
                 self.fd = fd
             else:                       # its last holder removed the file meanwhile: open the new one
                 os.close(fd)
+                fd = None
         DirLock._held[self.key] = self
         try:
             os.ftruncate(self.fd, 0)

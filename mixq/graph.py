@@ -31,13 +31,14 @@ from pathlib import Path
 import numpy as np
 
 from mixq import fsio
+from mixq.errors import MixqError
 
 FORMAT_VERSION = 1
 MAX_SHIFT = 62
 INT32_MAX = 2**31 - 1
 
 
-class GraphError(ValueError):
+class GraphError(MixqError, ValueError):
     """A frozen model on disk or in memory breaks the contract. Message names the culprit."""
 
 
@@ -296,15 +297,8 @@ def is_frozen_dir(path: str | os.PathLike) -> bool:
 
 
 def check_overwritable(out_dir: str | os.PathLike):
-    """Only an empty directory or an earlier frozen model may be replaced: `--out RUN_DIR` or
-    `--out ~` must not wipe a user's files."""
-    out_dir = Path(out_dir)
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise GraphError(f"{out_dir}: exists and is not a directory")
-    if any(out_dir.iterdir()) and not is_frozen_dir(out_dir):
-        raise GraphError(f"{out_dir}: exists and is not a frozen model directory; refusing to overwrite it")
+    """Only an empty directory or an earlier frozen model may be replaced (fsio.check_overwritable)."""
+    fsio.check_overwritable(out_dir, is_frozen_dir, "a frozen model directory", GraphError)
 
 
 def save(graph: IntGraph, out_dir: str | os.PathLike) -> Path:

@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 
 from mixq import fsio, graph as G
+from mixq.errors import MixqError
 
 INT4_MIN_ONNXRUNTIME = (1, 19)   # CPU EP int4 Q/DQ: onnxruntime PR #20362, first released in 1.19
 
 
-class ExportError(ValueError):
-    pass
+class ExportError(MixqError, ValueError):
+    """The frozen model cannot be exported, or onnx/onnxruntime refuse the result."""
 
 
 def _onnx():

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mixq.train.loop import atomic_write, save_png
+from mixq import fsio
+from mixq.errors import MixqError
 
 COLUMNS = [("run", "run"), ("method", "method"), ("target", "target"), ("avg bits", "avg_bits"),
            ("storage bits", "storage_bits"), ("weights KiB", "weight_kib"), ("compression", "compression"),
@@ -26,7 +27,7 @@ def add_arguments(p):
 def load_row(run: Path) -> dict:
     path = run / "metrics.json"
     if not path.is_file():
-        raise ValueError(f"{run}: no metrics.json (not a finished mixq train run directory)")
+        raise MixqError(f"{run}: no metrics.json (not a finished mixq train run directory)")
     try:
         m = json.loads(path.read_text())
         row = {"run": run.name, "model": m["model"], "dataset": m["dataset"], "method": m["method"],
@@ -35,7 +36,7 @@ def load_row(run: Path) -> dict:
                "weight_kib": m["params"] * m["storage_bits"] / 8 / 1024,
                "accuracy": m["accuracy"], "int_accuracy": m.get("int_accuracy"), "deployments": []}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: not a mixq metrics file ({type(e).__name__}: {e})") from None
+        raise MixqError(f"{path}: not a mixq metrics file ({type(e).__name__}: {e})") from None
     for rep in sorted(run.glob("build-*/report.json")):
         try:
             r = json.loads(rep.read_text())
@@ -43,7 +44,7 @@ def load_row(run: Path) -> dict:
                                        "accuracy": r["accuracy"], "latency_ms": r["latency_ms"]["median"],
                                        "emulated": r.get("emulated", False)})
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{rep}: not a mixq deploy report ({type(e).__name__})") from None
+            raise MixqError(f"{rep}: not a mixq deploy report ({type(e).__name__})") from None
     return row
 
 
@@ -94,7 +95,7 @@ def plot(rows: list, path: Path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    save_png(fig, path)
+    fsio.save_png(fig, path, MixqError)
 
 
 def run(args) -> int:
@@ -104,7 +105,7 @@ def run(args) -> int:
     else:
         print(text_table(rows))
     if args.md:
-        atomic_write(Path(args.md), markdown(rows))
+        fsio.write_text(Path(args.md), markdown(rows), MixqError)
     if args.png:
         plot(rows, Path(args.png))
     return 0

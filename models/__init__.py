@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
+from mixq.errors import MixqError
 from mixq.models.digits_cnn import DigitsCNN
 from mixq.models.resnet_cifar import resnet20
 from mixq.models.vgg_cifar import vgg19bn
@@ -19,7 +20,11 @@ MODELS = {
 }
 
 
+class ModelError(MixqError, ValueError):
+    """An unknown model name."""
+
+
 def build_model(name: str, num_classes: int) -> nn.Module:
     if name not in MODELS:
-        raise ValueError(f"unknown model '{name}' (choose from: {', '.join(MODELS)})")
+        raise ModelError(f"unknown model '{name}' (choose from: {', '.join(MODELS)})")
     return MODELS[name](num_classes=num_classes)

@@ -38,6 +38,8 @@ import time
 import zipfile
 from pathlib import Path
 
+from mixq.errors import MixqError
+
 DEFAULT_PORT = 9091
 HOST = "127.0.0.1"  # loopback only: the RPC server runs whatever code a client uploads
 QEMU = "qemu-aarch64-static"
@@ -69,11 +71,11 @@ sys.executable = os.environ.get("MIXQ_BOARD_PYTHON", sys.executable)
 """
 
 
-class BoardUnavailable(RuntimeError):
+class BoardUnavailable(MixqError, RuntimeError):
     """The emulated board cannot be set up here (no qemu, apt or network)."""
 
 
-class BoardError(RuntimeError):
+class BoardError(MixqError, RuntimeError):
     """The board's RPC server failed to start or stop."""
 
 

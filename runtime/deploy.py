@@ -17,11 +17,12 @@ import numpy as np
 
 from mixq import data as datasets
 from mixq import fsio, graph as G
+from mixq.errors import MixqError
 from mixq.compile import build as B
 from mixq.runtime import session as S
 
 
-class DeployError(ValueError):
+class DeployError(MixqError, ValueError):
     """A bad build directory, dataset or option (one-line message naming it)."""
 
 
@@ -132,12 +133,7 @@ def load_test_split(record: dict, dataset: str | None, data_dir, images: int | N
     if images is not None and images < 1:
         raise DeployError(f"--images {images}: must be >= 1")
     spec = datasets.load(name, data_dir, test_subset=images)
-    shape = tuple(record["input"]["shape"])
-    if tuple(spec.input_shape) != shape:
-        raise DeployError(f"--dataset {name}: images {tuple(spec.input_shape)} do not fit the model input {shape}")
-    if tuple(record["output"]["shape"]) != (spec.num_classes,):
-        raise DeployError(f"--dataset {name}: {spec.num_classes} classes do not fit the model output "
-                          f"{tuple(record['output']['shape'])}")
+    datasets.check_model_fits(spec, record["input"]["shape"], record["output"]["shape"], f"--dataset {name}")
     x, y = datasets.test_arrays(spec)
     return name, x, y
 

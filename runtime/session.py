@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mixq.errors import MixqError
+
 LOOPBACK = "127.0.0.1"
 CONNECT_ATTEMPTS = 3
 RETRY_SECONDS = 1.0          # pause between attempts
@@ -40,7 +42,7 @@ MIN_CALL_TIMEOUT = 60.0      # a remote call may take this long, or 10x the slow
 ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86_64", 183: "aarch64", 243: "riscv64", 21: "ppc64"}
 
 
-class BoardError(RuntimeError):
+class BoardError(MixqError, RuntimeError):
     """The board cannot be reached, dropped, or cannot run the library (one-line message)."""
 
 

@@ -9,6 +9,7 @@ import torch
 
 from mixq.models import build_model
 from mixq.train import quant, surgery
+from mixq.train.errors import ConfigError
 from mixq.train.bsq import BSQ
 from mixq.train.clado import CLADO
 from mixq.train.methods import CSQ, CSQUniform, STEUniform
@@ -68,7 +69,7 @@ class TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+            raise ConfigError(f"unknown config keys: {sorted(unknown)}")
         d = dict(d)
         if "input_shape" in d:
             d["input_shape"] = tuple(d["input_shape"])
@@ -91,48 +92,48 @@ class TrainConfig:
         from mixq.data import DATASETS
         from mixq.models import MODELS
         if self.model not in MODELS:
-            raise ValueError(f"--model {self.model}: unknown model '{self.model}' (choose from: {', '.join(MODELS)})")
+            raise ConfigError(f"--model {self.model}: unknown model '{self.model}' (choose from: {', '.join(MODELS)})")
         if self.dataset not in DATASETS:
-            raise ValueError(f"--dataset {self.dataset}: unknown dataset '{self.dataset}' (choose from: {', '.join(DATASETS)})")
+            raise ConfigError(f"--dataset {self.dataset}: unknown dataset '{self.dataset}' (choose from: {', '.join(DATASETS)})")
         if self.method not in METHODS:
-            raise ValueError(f"--method {self.method}: unknown (choose from: {', '.join(METHODS)})")
+            raise ConfigError(f"--method {self.method}: unknown (choose from: {', '.join(METHODS)})")
         if not 0 < self.target_bits <= 8:
-            raise ValueError(f"--target-bits {self.target_bits}: must be in (0, 8]")
+            raise ConfigError(f"--target-bits {self.target_bits}: must be in (0, 8]")
         if not (2 <= self.act_bits <= 8 or self.act_bits == 32):
-            raise ValueError(f"--act-bits {self.act_bits}: must be 2..8, or 32 for float activations")
+            raise ConfigError(f"--act-bits {self.act_bits}: must be 2..8, or 32 for float activations")
         if self.recipe not in RECIPES:
-            raise ValueError(f"--recipe {self.recipe}: unknown (choose from: {', '.join(RECIPES)})")
+            raise ConfigError(f"--recipe {self.recipe}: unknown (choose from: {', '.join(RECIPES)})")
         if self.bit_optimizer not in ("adam", "sgd"):
-            raise ValueError(f"--bit-optimizer {self.bit_optimizer}: must be adam or sgd")
+            raise ConfigError(f"--bit-optimizer {self.bit_optimizer}: must be adam or sgd")
         if self.csq_init not in ("budget", "full"):
-            raise ValueError(f"--csq-init {self.csq_init}: must be budget or full")
+            raise ConfigError(f"--csq-init {self.csq_init}: must be budget or full")
         if self.amp not in ("off", "bf16"):
-            raise ValueError(f"--amp {self.amp}: must be off or bf16")
+            raise ConfigError(f"--amp {self.amp}: must be off or bf16")
         if self.bit_logit_bound < 0:
-            raise ValueError(f"--bit-logit-bound {self.bit_logit_bound}: must be >= 0 (0: unbounded)")
+            raise ConfigError(f"--bit-logit-bound {self.bit_logit_bound}: must be >= 0 (0: unbounded)")
         if not 0 < self.beta_saturate <= 1:
-            raise ValueError(f"--beta-saturate {self.beta_saturate}: must be in (0, 1]")
+            raise ConfigError(f"--beta-saturate {self.beta_saturate}: must be in (0, 1]")
         if not 0 <= self.mask_hard_at <= 1:
-            raise ValueError(f"--mask-hard-at {self.mask_hard_at}: must be in [0, 1]")
+            raise ConfigError(f"--mask-hard-at {self.mask_hard_at}: must be in [0, 1]")
         if self.lr_warmup_epochs < 0 or self.lr_warmup_epochs >= max(self.search(), 1):
-            raise ValueError(f"--lr-warmup-epochs {self.lr_warmup_epochs}: must be >= 0 and shorter than the search")
+            raise ConfigError(f"--lr-warmup-epochs {self.lr_warmup_epochs}: must be >= 0 and shorter than the search")
         if not 2 <= self.weight_bits <= 8:
-            raise ValueError(f"--weight-bits {self.weight_bits}: must be 2..8")
+            raise ConfigError(f"--weight-bits {self.weight_bits}: must be 2..8")
         if not self.init_logit > 0 or not self.mask_init >= 0:
-            raise ValueError(f"--init-logit {self.init_logit} must be > 0 and --mask-init {self.mask_init} >= 0")
+            raise ConfigError(f"--init-logit {self.init_logit} must be > 0 and --mask-init {self.mask_init} >= 0")
         if self.min_layer_bits < 0 or self.min_layer_bits > 8:
-            raise ValueError(f"--min-layer-bits {self.min_layer_bits}: must be 0..8")
+            raise ConfigError(f"--min-layer-bits {self.min_layer_bits}: must be 0..8")
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.method not in ("csq", "bsq")):
-            raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must be >= 0, and is for csq and bsq "
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs}: must be >= 0, and is for csq and bsq "
                              "(clado warms up by itself, ste-uniform trains its weights directly)")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.finetune_epochs is not None and not 0 <= self.finetune_epochs < self.epochs:
-            raise ValueError(f"--finetune-epochs {self.finetune_epochs}: must be >= 0 and less than "
+            raise ConfigError(f"--finetune-epochs {self.finetune_epochs}: must be >= 0 and less than "
                              f"--epochs {self.epochs} (the finetune epochs are part of them)")
         if self.method in ("bsq", "clado") and (self.finetune() < 1 or self.search() < 1):
-            raise ValueError(f"--method {self.method} needs >= 1 search and >= 1 finetune epoch (its bits are "
+            raise ConfigError(f"--method {self.method} needs >= 1 search and >= 1 finetune epoch (its bits are "
                              f"set when the finetune starts): got --epochs {self.epochs}, --finetune-epochs {self.finetune()}")
 
 
@@ -197,27 +198,27 @@ def load_float_weights(net, path: str, model_name: str):
     or a plain state dict of the net (e.g. torchvision's resnet18/50 weights for
     `net.load_state_dict`). Every conv/linear weight must be there with its shape."""
     if not Path(path).is_file():
-        raise ValueError(f"--init-from {path}: no such file")
+        raise ConfigError(f"--init-from {path}: no such file")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for truncated/foreign files
-        raise ValueError(f"--init-from {path}: not a readable checkpoint ({type(e).__name__})") from None
+        raise ConfigError(f"--init-from {path}: not a readable checkpoint ({type(e).__name__})") from None
     if isinstance(state, dict) and {"model", "config"} <= set(state):        # a mixq checkpoint
         other = state["config"].get("model") if isinstance(state["config"], dict) else None
         if other != model_name:
-            raise ValueError(f"--init-from {path}: a checkpoint of model '{other}', not '{model_name}'")
+            raise ConfigError(f"--init-from {path}: a checkpoint of model '{other}', not '{model_name}'")
         state = {k[len("net."):]: v for k, v in state["model"].items() if k.startswith("net.")}
     if not isinstance(state, dict):
-        raise ValueError(f"--init-from {path}: not a state dict")
+        raise ConfigError(f"--init-from {path}: not a state dict")
     own = net.state_dict()
     for name, m in net.named_modules():
         if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
             key = f"{name}.weight"
             if key not in state:
-                raise ValueError(f"--init-from {path}: no float weight for layer '{name}' (a CSQ or BSQ "
+                raise ConfigError(f"--init-from {path}: no float weight for layer '{name}' (a CSQ or BSQ "
                                  "checkpoint keeps no float weights)")
     loaded = {k: v for k, v in state.items() if k in own}
     for k, v in loaded.items():
         if tuple(v.shape) != tuple(own[k].shape):
-            raise ValueError(f"--init-from {path}: '{k}' has shape {tuple(v.shape)}, the model's is {tuple(own[k].shape)}")
+            raise ConfigError(f"--init-from {path}: '{k}' has shape {tuple(v.shape)}, the model's is {tuple(own[k].shape)}")
     net.load_state_dict(loaded, strict=False)

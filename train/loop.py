@@ -30,6 +30,7 @@ from tqdm import tqdm
 from mixq import data as datasets
 from mixq import fsio
 from mixq.train.config import FIXED, MIXED, TrainConfig, build
+from mixq.train.errors import TrainError
 
 CHECKPOINT_KEYS = {"model", "config", "epoch"}
 RESUME_KEYS = CHECKPOINT_KEYS | {"optimizers", "schedulers", "history"}
@@ -37,9 +38,6 @@ RESUME_KEYS = CHECKPOINT_KEYS | {"optimizers", "schedulers", "history"}
 NAN_AT_STEP_ENV = "MIXQ_TEST_NAN_AT_STEP"
 CHECK_EVERY = 50        # steps between host reads of the non-finite-loss flag
 
-
-class TrainError(RuntimeError):
-    pass
 
 
 # ----------------------------------------------------------------------------- plumbing

@@ -10,6 +10,7 @@ import torch.fx
 import torch.nn as nn
 
 from mixq.train import quant
+from mixq.train.errors import ConfigError
 
 # elementwise activations by name, whether torch.X, torch.nn.functional.X or tensor.X()
 ACTIVATION_NAMES = frozenset({
@@ -53,11 +54,11 @@ def unquantized_activations(model: nn.Module) -> list[str]:
 
 
 def check_activations(model: nn.Module, act_bits: int, model_name: str):
-    """ValueError naming every activation swap_layers left float, unless activations are float anyway."""
+    """ConfigError naming every activation swap_layers left float, unless activations are float anyway."""
     if act_bits >= 32:
         return
     found = unquantized_activations(model)
     if found:
-        raise ValueError(f"model '{model_name}': activations layer surgery cannot quantize: {', '.join(found)} "
+        raise ConfigError(f"model '{model_name}': activations layer surgery cannot quantize: {', '.join(found)} "
                          f"(they would train as float under --act-bits {act_bits} and the run could not be "
                          "frozen; mixq quantizes nn.ReLU modules, one per use)")
