@@ -85,7 +85,7 @@ def dataset_images(model: str, n: int, split: str = "train") -> np.ndarray:
 def train_checkpoint(model: str, bits: str, run_dir: Path) -> Path:
     """Short training on the bundled digits (seconds)."""
     from mixq.train.config import TrainConfig
-    from mixq.train.loop import train
+    from mixq.train_command import train
     if bits == "csq-mixed":
         cfg = TrainConfig(model=model, dataset="digits", method="csq", target_bits=3, epochs=8)
     else:

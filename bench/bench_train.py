@@ -58,7 +58,7 @@ def trainer(kind: str, x, amp: bool = False):
         model, method = build(cfg)
         model.input_quant.calibrate(x.cpu())
         model.to(x.device)
-        schedule = lambda: method.on_epoch(cfg.epochs / 2)      # mid-search: beta ~ 14, regularizer active
+        schedule = lambda: method.on_step(cfg.epochs / 2)       # mid-search: beta ~ 14, regularizer active
         schedule()
         opts = list(make_optimizers(model, cfg).values())
         regularizer = method.regularizer

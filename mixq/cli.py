@@ -16,7 +16,7 @@ from mixq.errors import MixqError
 
 # command -> module exposing add_arguments(parser) and run(args) -> int
 COMMANDS = {
-    "train": ("mixq.train.cli", "train a quantized model (CSQ; peers BSQ, CLADO; STE- and CSQ-uniform)"),
+    "train": ("mixq.train_command", "train a quantized model (CSQ; peers BSQ, CLADO; STE- and CSQ-uniform)"),
     "freeze": ("mixq.freeze", "harden a checkpoint into an integer-only graph"),
     "eval": ("mixq.evaluate", "run the golden NumPy interpreter on a dataset"),
     "inspect": ("mixq.inspect", "table of a frozen model's layers, bits and bytes"),

@@ -25,6 +25,8 @@ import torch.nn as nn
 from mixq import fsio, graph as G
 from mixq.errors import MixqError
 from mixq.train import quant
+from mixq.train.checkpoint import load_checkpoint, restore_model, training_facts
+from mixq.train.errors import TrainError
 from mixq.train.surgery import Tracer
 
 
@@ -343,16 +345,18 @@ class _Builder:
 
 # ----------------------------------------------------------------------------- command
 def freeze_checkpoint(ckpt_path: str, out_dir: str) -> G.IntGraph:
-    from mixq.train.loop import TrainError, load_checkpoint, restore_model
+    """RUN/checkpoint.pt -> FROZEN_DIR. The manifest's meta carries what deploy reports of the
+    training run ("training": train.checkpoint.TRAINING_FACTS), so a build needs nothing else."""
     G.check_overwritable(out_dir)           # fail before the work, not after it
     try:
         ckpt = load_checkpoint(ckpt_path)
         model, method, cfg = restore_model(ckpt, ckpt_path)
     except TrainError as e:
         raise FreezeError(str(e)) from None
+    training = training_facts(ckpt, cfg, method)
     method.harden(True)
     meta = {"source_checkpoint_epoch": int(ckpt["epoch"]), "method": cfg.method, "dataset": cfg.dataset,
-            "act_bits": cfg.act_bits, "num_classes": cfg.num_classes}
+            "act_bits": cfg.act_bits, "num_classes": cfg.num_classes, "training": training}
     g = freeze_model(model, cfg.model, tuple(cfg.input_shape), meta)
     G.save(g, out_dir)
     return g

@@ -1,8 +1,8 @@
 """The integer graph: mixq's contract between freeze, the golden interpreter and compile.
 
-Dependency-light on purpose (NumPy and mixq.fsio, which is standard library only). Semantics are documented in docs/integer-contract.md;
-every op below has exactly one NumPy implementation (`_NUMPY_OPS`), which *is* the golden
-reference. `mixq.intsim` runs the same table in torch.
+Dependency-light on purpose (NumPy, and mixq.fsio and mixq.errors, which are standard library
+only). Semantics are documented in docs/integer-contract.md; every op below has exactly one
+NumPy implementation (`_NUMPY_OPS`), which *is* the golden reference. `mixq.intsim` runs the same table in torch.
 
 A graph is a list of ops in execution order. Every tensor is NCHW (or NC) with batch first;
 shapes below omit the batch dimension.

@@ -2,7 +2,8 @@
 
 Same math as mixq.graph (int64 requantization, exact integer convolution), runs on any torch
 device, so the trained model can be evaluated under the deployed integer semantics on GPU.
-Convolutions run in float64, exact for |acc| < 2^53 (freeze proves |acc| < 2^31)."""
+Convolutions run in float64, exact for |acc| < 2^53 (freeze proves |acc| < 2^31).
+`integer_accuracy` measures a trained model that way (metrics.json's int_accuracy: `mixq train`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mixq import graph as G
+from mixq.freeze import freeze_model
 
 
 def _pc(v: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -90,7 +92,6 @@ class IntSim:
     def from_model(cls, model: torch.nn.Module, input_shape: tuple, device="cpu", name: str = "model") -> "IntSim":
         """Integer simulation of a trained (hardened) QuantModel: freeze it in memory, run the
         result. Accuracy measured this way is the deployed program's accuracy."""
-        from mixq.freeze import freeze_model
         return cls(freeze_model(model, name, tuple(input_shape)), device)
 
     @torch.no_grad()
@@ -106,3 +107,27 @@ class IntSim:
         for op, arrays in zip(self.graph.ops, self.arrays):
             env[op.output] = TORCH_OPS[op.kind](op, arrays, *[env[i] for i in op.inputs])
         return env[self.graph.output]
+
+
+def integer_accuracy(model: torch.nn.Module, model_name: str, input_shape: tuple, act_bits: int,
+                     test_set, workers: int = 0) -> dict:
+    """Top-1 of the frozen integer program of a trained, hardened QuantModel on `test_set` (the
+    deployed semantics, input quantized as the runtime does) and how often its class agrees
+    with the model's own (fake-quant) class, image by image: metrics.json's int_accuracy and
+    int_agreement (`mixq train`)."""
+    if act_bits >= 32:
+        return {"int_accuracy": None, "int_agreement": None, "int_note": "float activations: no integer program"}
+    try:
+        sim = IntSim(freeze_model(model, model_name, tuple(input_shape)))
+    except ValueError as e:     # FreezeError: report it, the trained model is still valid
+        return {"int_accuracy": None, "int_agreement": None, "int_note": f"freeze failed: {e}"}
+    model.eval()
+    right = agree = total = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(test_set, 256, num_workers=workers):
+            fake = model(x).argmax(1)
+            pred = sim(G.quantize_input(sim.graph.input, x.numpy())).argmax(1)
+            right += int((pred == y).sum())
+            agree += int((pred == fake).sum())
+            total += len(y)
+    return {"int_accuracy": 100.0 * right / total, "int_agreement": 100.0 * agree / total}

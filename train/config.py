@@ -1,55 +1,46 @@
 """Training configuration (one small dataclass) and the one function that builds a model
-from it, used by training, --resume and freeze alike."""
+from it, used by training, --resume and freeze alike.
+
+TrainConfig's fields are the options every method shares (below) plus the options each
+registered method declares in its own file (train/methods/*.py, `Method.options`): a checkpoint's
+"config" is the flat dict of all of them (to_dict/from_dict)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
 from mixq.models import build_model
-from mixq.train import quant, surgery
+from mixq.train import methods, quant, surgery
 from mixq.train.errors import ConfigError
-from mixq.train.bsq import BSQ
-from mixq.train.clado import CLADO
-from mixq.train.methods import CSQ, CSQUniform, STEUniform
+from mixq.train.methods import METHODS
 
-METHODS = {m.name: m for m in (CSQ, BSQ, CLADO, STEUniform, CSQUniform)}
-MIXED = ("csq", "bsq", "clado")         # methods that search per-layer bits under --target-bits
-FIXED = ("ste-uniform", "csq-uniform")  # one precision, --weight-bits, for every layer
 RECIPES = ("mixq", "paper")
 
 
 @dataclass
-class TrainConfig:
+class CommonConfig:
+    """The options of every run; TrainConfig adds the methods' own."""
     model: str = "digits-cnn"
     dataset: str = "digits"
     data_dir: str | None = None
     method: str = "csq"
     recipe: str = "mixq"            # "paper": the CSQ paper's settings (see recipe_defaults)
-    target_bits: float = 3.0
-    weight_bits: int = 8            # ste-uniform, csq-uniform only
+    target_bits: float = 3.0        # mixed methods (csq, bsq, clado): mean kept bits per layer
+    weight_bits: int = 8            # fixed-precision methods (ste-uniform, csq-uniform)
     act_bits: int = 8
-    epochs: int = 30                # all of training; CSQ: search, then finetune
-    finetune_epochs: int | None = None   # of those, with the bits fixed (None: csq 0, bsq/clado a third)
-    lr: float = 0.05                # SGD (Nesterov momentum) for weights, BN, CSQ scales, PACT clips
+    epochs: int = 30                # all of training; mixed methods: search, then finetune
+    finetune_epochs: int | None = None   # of those, with the bits fixed (None: the method's default)
+    lr: float = 0.05                # SGD (Nesterov momentum) for weights, BN, scales, PACT clips, gates
     lr_warmup_epochs: int = 0       # linear learning-rate warm-up (the paper's ImageNet recipe: 5)
-    bit_optimizer: str = "adam"     # CSQ bit logits m_p, m_n: "adam" or "sgd" (see loop.make_optimizers)
+    bit_optimizer: str = "adam"     # the methods' bit parameters: "adam" or "sgd" (see loop.make_optimizers)
     bit_lr: float = 0.1             # their learning rate
     batch_size: int = 64
     weight_decay: float = 5e-4
-    lam: float = 0.01
-    beta_max: float = 200.0
-    beta_saturate: float = 1.0      # CSQ: beta reaches beta_max at this fraction of the search
-    mask_hard_at: float = 0.8       # CSQ: the mask is an exact step from this fraction of the search
-    csq_init: str = "full"          # CSQ: "full" (all 8 bits, then prune) or "budget" (start at the target)
-    init_logit: float = 2.0         # |bit logit| derived from the float weight
-    bit_logit_bound: float = 2.0    # CSQ: keep bit logits in [-B, B] (0: unbounded)
-    mask_init: float = 0.2          # |initial bit-mask logits m_B| (see CSQ.prepare)
-    min_layer_bits: int = 1         # CSQ guard: every layer keeps >= this many bits (0: off)
-    fixed_shortcuts: bool = False   # CSQ: downsampling shortcuts stay 8-bit, out of the budget
     init_from: str | None = None    # float weights to start from: a mixq checkpoint or a state dict
-    warmup_epochs: int = 0          # csq/bsq: first train 8-bit STE weights this long (RUN/warmup)
+    warmup_epochs: int = 0          # warm-startable methods (csq, bsq): first 8-bit STE weights (RUN/warmup)
     seed: int = 0
     device: str = "auto"
     train_subset: int | None = None
@@ -75,14 +66,18 @@ class TrainConfig:
             d["input_shape"] = tuple(d["input_shape"])
         return cls(**d)
 
+    def method_class(self) -> type:
+        return METHODS[self.method]
+
     def finetune(self) -> int:
         """Epochs with the bits fixed after the search (CSQ: mask frozen, beta rewound; BSQ:
-        precision fixed; CLADO: at the allocated bits); 0 for ste-uniform."""
-        if self.method not in MIXED:
+        precision fixed; CLADO: at the allocated bits); 0 for a fixed-precision method."""
+        method = self.method_class()
+        if not method.mixed:
             return 0
         if self.finetune_epochs is not None:
             return self.finetune_epochs
-        return 0 if self.method == "csq" else self.epochs // 3
+        return method.default_finetune(self.epochs)
 
     def search(self) -> int:
         """Epochs of the search phase (all of them for a method without a finetune phase)."""
@@ -105,36 +100,35 @@ class TrainConfig:
             raise ConfigError(f"--recipe {self.recipe}: unknown (choose from: {', '.join(RECIPES)})")
         if self.bit_optimizer not in ("adam", "sgd"):
             raise ConfigError(f"--bit-optimizer {self.bit_optimizer}: must be adam or sgd")
-        if self.csq_init not in ("budget", "full"):
-            raise ConfigError(f"--csq-init {self.csq_init}: must be budget or full")
         if self.amp not in ("off", "bf16"):
             raise ConfigError(f"--amp {self.amp}: must be off or bf16")
-        if self.bit_logit_bound < 0:
-            raise ConfigError(f"--bit-logit-bound {self.bit_logit_bound}: must be >= 0 (0: unbounded)")
-        if not 0 < self.beta_saturate <= 1:
-            raise ConfigError(f"--beta-saturate {self.beta_saturate}: must be in (0, 1]")
-        if not 0 <= self.mask_hard_at <= 1:
-            raise ConfigError(f"--mask-hard-at {self.mask_hard_at}: must be in [0, 1]")
+        for method in METHODS.values():     # every method's options, whichever method trains
+            method.check_options(self)
         if self.lr_warmup_epochs < 0 or self.lr_warmup_epochs >= max(self.search(), 1):
             raise ConfigError(f"--lr-warmup-epochs {self.lr_warmup_epochs}: must be >= 0 and shorter than the search")
         if not 2 <= self.weight_bits <= 8:
             raise ConfigError(f"--weight-bits {self.weight_bits}: must be 2..8")
-        if not self.init_logit > 0 or not self.mask_init >= 0:
-            raise ConfigError(f"--init-logit {self.init_logit} must be > 0 and --mask-init {self.mask_init} >= 0")
-        if self.min_layer_bits < 0 or self.min_layer_bits > 8:
-            raise ConfigError(f"--min-layer-bits {self.min_layer_bits}: must be 0..8")
-        if self.warmup_epochs < 0 or (self.warmup_epochs and self.method not in ("csq", "bsq")):
-            raise ConfigError(f"--warmup-epochs {self.warmup_epochs}: must be >= 0, and is for csq and bsq "
-                             "(clado warms up by itself, ste-uniform trains its weights directly)")
+        if self.warmup_epochs < 0 or (self.warmup_epochs and not self.method_class().warm_start):
+            warm = " and ".join(n for n, m in METHODS.items() if m.warm_start)
+            raise ConfigError(f"--warmup-epochs {self.warmup_epochs}: must be >= 0, and is for {warm} "
+                              "(the others warm up by themselves or train their float weights directly)")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
         if self.finetune_epochs is not None and not 0 <= self.finetune_epochs < self.epochs:
             raise ConfigError(f"--finetune-epochs {self.finetune_epochs}: must be >= 0 and less than "
-                             f"--epochs {self.epochs} (the finetune epochs are part of them)")
-        if self.method in ("bsq", "clado") and (self.finetune() < 1 or self.search() < 1):
+                              f"--epochs {self.epochs} (the finetune epochs are part of them)")
+        if self.method_class().needs_finetune and (self.finetune() < 1 or self.search() < 1):
             raise ConfigError(f"--method {self.method} needs >= 1 search and >= 1 finetune epoch (its bits are "
-                             f"set when the finetune starts): got --epochs {self.epochs}, --finetune-epochs {self.finetune()}")
+                              f"set when the finetune starts): got --epochs {self.epochs}, --finetune-epochs {self.finetune()}")
+
+
+# TrainConfig: the common fields, then every registered method's options (methods.options()).
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig", [(o.name, o.type, dataclasses.field(default=o.default)) for o in methods.options(seal=True).values()],
+    bases=(CommonConfig,))
+TrainConfig.__module__ = __name__
+TrainConfig.__doc__ = "A training run's configuration: CommonConfig's fields and the methods' options."
 
 
 def build(cfg: TrainConfig, init_weights: str | None = None):
@@ -143,30 +137,10 @@ def build(cfg: TrainConfig, init_weights: str | None = None):
     net = build_model(cfg.model, cfg.num_classes)
     if init_weights:
         load_float_weights(net, init_weights, cfg.model)
-    if cfg.method == "csq":
-        fixed = shortcut_layers(net) if cfg.fixed_shortcuts else ()
-        method = CSQ(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam, cfg.beta_max,
-                     cfg.init_logit, cfg.mask_init, cfg.min_layer_bits, cfg.csq_init, cfg.beta_saturate,
-                     cfg.mask_hard_at, fixed, cfg.bit_logit_bound)
-    elif cfg.method == "csq-uniform":
-        method = CSQUniform(cfg.act_bits, cfg.weight_bits, cfg.epochs, cfg.beta_max, cfg.init_logit,
-                            cfg.beta_saturate, cfg.bit_logit_bound)
-    elif cfg.method == "bsq":
-        method = BSQ(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam)
-    elif cfg.method == "clado":
-        method = CLADO(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune())
-    else:
-        method = STEUniform(cfg.act_bits, cfg.weight_bits)
+    method = cfg.method_class().from_config(cfg, net)
     model = quant.QuantModel(method.prepare(net))
     surgery.check_activations(model, cfg.act_bits, cfg.model)
     return model, method
-
-
-def shortcut_layers(net) -> tuple:
-    """Names of the convolutions on ResNet downsampling shortcuts (`shortcut` in the CIFAR
-    ResNets, `downsample` in torchvision's), as quant_layers names them."""
-    return tuple(n for n, m in net.named_modules() if isinstance(m, torch.nn.Conv2d)
-                 and any(p in ("shortcut", "downsample") for p in n.split(".")))
 
 
 # The CSQ paper's recipe (Xiao et al., DAC 2023, Sec. IV-A, and the authors' code

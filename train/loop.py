@@ -1,9 +1,9 @@
-"""`mixq train`: the whole training loop, one screen, then the run directory.
+"""The training loop (`train`: the epoch loop itself is one function, _train), then the run directory.
 
-RUN_DIR/checkpoint.pt   {"model", "config", "epoch", "optimizers", "schedulers", "history"}
-                        (loads with torch.load(weights_only=True); written atomically per epoch)
-RUN_DIR/metrics.json    accuracy of the hardened model (and under integer simulation), bits,
-                        compression, per-layer table
+RUN_DIR/checkpoint.pt   model, config, optimizer state, history (train.checkpoint; written
+                        atomically per epoch, and once more with the run's metrics at the end)
+RUN_DIR/metrics.json    accuracy of the hardened model (and, with the `mixq train` command,
+                        under integer simulation), bits, compression, per-layer table
 RUN_DIR/history.csv     per epoch: loss, accuracy, beta, precision (avg and per layer)
 RUN_DIR/precision.png   per-layer precision over epochs;  RUN_DIR/bits.png final bit-widths
 
@@ -29,13 +29,12 @@ from tqdm import tqdm
 
 from mixq import data as datasets
 from mixq import fsio
-from mixq.train.config import FIXED, MIXED, TrainConfig, build
+from mixq.train.checkpoint import TRAINING_FACTS, config_facts, resume_state, restore_model, save_checkpoint
+from mixq.train.config import TrainConfig, build
 from mixq.train.errors import TrainError
+from mixq.train.methods import METHODS
+from mixq.train.methods.base import bit_summary
 
-CHECKPOINT_KEYS = {"model", "config", "epoch"}
-RESUME_KEYS = CHECKPOINT_KEYS | {"optimizers", "schedulers", "history"}
-# Fault injection for tests: make the loss NaN at this global step (0-based).
-NAN_AT_STEP_ENV = "MIXQ_TEST_NAN_AT_STEP"
 CHECK_EVERY = 50        # steps between host reads of the non-finite-loss flag
 
 
@@ -80,14 +79,6 @@ def start_process(cfg: TrainConfig) -> Proc:
     return Proc(dist.get_rank(), dist.get_world_size(), device)
 
 
-def atomic_save(obj, path: Path):
-    fsio.torch_save(obj, path, TrainError)
-
-
-def atomic_write(path: Path, text: str):
-    fsio.write_text(path, text, TrainError)
-
-
 @torch.no_grad()
 def predict(model, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class, label) over a loader, on CPU."""
@@ -99,58 +90,7 @@ def predict(model, loader, device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(preds), torch.cat(labels)
 
 
-def load_checkpoint(path) -> dict:
-    """Read a mixq checkpoint; one-line error for a missing, corrupt or foreign file."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"{path}: no such checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/foreign files
-        raise TrainError(f"{path}: not a readable mixq checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or not CHECKPOINT_KEYS <= set(ckpt):
-        raise TrainError(f"{path}: not a mixq checkpoint (missing model/config/epoch)")
-    return ckpt
-
-
-def restore_model(ckpt: dict, path="checkpoint"):
-    """Rebuild (model, method, config) from a checkpoint: the one path used by resume and freeze."""
-    try:
-        cfg = TrainConfig.from_dict(ckpt["config"])
-        model, method = build(cfg)
-        model.load_state_dict(ckpt["model"])
-    except (ValueError, RuntimeError, TypeError, KeyError, AttributeError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TrainError(f"{path}: checkpoint does not match its model config ({msg[:200]})") from None
-    return model, method, cfg
-
-
-def resume_state(ckpt_path: Path, cfg: TrainConfig) -> dict:
-    if not ckpt_path.exists():
-        raise TrainError(f"--resume: {ckpt_path} does not exist (nothing to resume)")
-    state = load_checkpoint(ckpt_path)
-    if not RESUME_KEYS <= set(state):
-        raise TrainError(f"{ckpt_path}: not resumable (no optimizer state: not written by mixq train)")
-    try:
-        saved = TrainConfig.from_dict(state["config"]).to_dict()
-    except (ValueError, TypeError) as e:
-        raise TrainError(f"{ckpt_path}: checkpoint config is not a mixq config ({e})") from None
-    wanted = cfg.to_dict()
-    derived = {"device", "num_classes", "input_shape"}     # device may change; the others come from the data
-    differ = [k for k in wanted if k not in derived and saved[k] != wanted[k]]
-    if differ:
-        k = differ[0]
-        raise TrainError(f"{ckpt_path}: --resume with a different configuration than the run's "
-                         f"({k}: run has {saved[k]!r}, now {wanted[k]!r})")
-    return state
-
-
 # ----------------------------------------------------------------------------- optimization
-def is_bit_logit(name: str) -> bool:
-    return name.rsplit(".", 1)[-1] in ("bit_logits_pos", "bit_logits_neg", "bit_mask_logits",
-                                       "bit_planes_pos", "bit_planes_neg")
-
-
 def make_optimizers(model, cfg: TrainConfig) -> dict:
     """Optimizers on one cosine schedule.
 
@@ -165,14 +105,18 @@ def make_optimizers(model, cfg: TrainConfig) -> dict:
     The bit logits m_p, m_n use --bit-optimizer at --bit-lr: "sgd" (no decay) has the same
     property; "adam" normalizes each element's step, so every bit plane moves at the same rate
     whatever its 2^b factor, but a saturated gate's vanishing gradient is normalized back to a
-    full step, so a decided digit can still flip late in the search."""
+    full step, so a decided digit can still flip late in the search.
+
+    Which parameters are bit logits (or BSQ's bit planes: "bits") and which are gates (CSQ's
+    mask logits) is the method's to say (Method.bit_params, gate_params)."""
     params = list(model.named_parameters())
     if cfg.recipe == "paper":
         return {"sgd": torch.optim.SGD([p for _, p in params], lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)}
-    bits = [p for n, p in params if is_bit_logit(n) and not n.endswith("bit_mask_logits")]
-    masks = [p for n, p in params if n.endswith("bit_mask_logits")]
-    decay = [p for n, p in params if not is_bit_logit(n) and p.ndim > 1]
-    rest = [p for n, p in params if not is_bit_logit(n) and p.ndim <= 1]
+    role = cfg.method_class().param_role
+    bits = [p for n, p in params if role(n) == "bits"]
+    masks = [p for n, p in params if role(n) == "gates"]
+    decay = [p for n, p in params if role(n) is None and p.ndim > 1]
+    rest = [p for n, p in params if role(n) is None and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest + masks, "weight_decay": 0.0}]
     if bits and cfg.bit_optimizer == "sgd":
         groups.append({"params": bits, "weight_decay": 0.0, "lr": cfg.bit_lr})
@@ -199,7 +143,17 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
+def train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) -> dict:
+    """Train `cfg` into the run directory `out_dir` (resume: continue its checkpoint); returns
+    metrics.json's content (None on the other processes under torchrun).
+
+    evaluate(model, cfg, spec) -> dict, when given, adds measurements of the finished, hardened
+    model (on the CPU) to metrics.json, before the bit figures; the warm-up sub-run gets it
+    too. It is how the `mixq train` command (mixq/train_command.py) adds the accuracy of the
+    integer program (mixq.intsim): a callback, not an import, because the train stage comes
+    before freeze and imports nothing of it, and not a second pass after train() returns,
+    because metrics.json is then written once, complete (it also marks a finished run, e.g.
+    a finished warm-up), and the checkpoint carries those facts to freeze."""
     # Saturated CSQ gates make denormal floats (sig(-100) ~ 4e-44; tiny gradients squared in
     # Adam's second moment); x86 handles those 10-100x slower. Flushing them to zero changes
     # nothing that matters numerically and makes Adam on the bit logits ~8x faster. The mode is
@@ -207,12 +161,12 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     # `mixq train` (here, before any parallel torch op of the process).
     torch.set_flush_denormal(True)
     try:
-        return _train(cfg, out_dir, resume)
+        return _train(cfg, out_dir, resume, evaluate)
     finally:
         torch.set_flush_denormal(False)
 
 
-def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
+def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) -> dict:
     cfg.validate()
     out = Path(out_dir)
     # one run per directory (rank 0 holds it under torchrun); released when _train returns or the process ends
@@ -221,7 +175,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     # a run killed during its warm-up has no checkpoint of its own yet: it resumes the warm-up
     warming = cfg.warmup_epochs and not ckpt_path.exists()
     state = resume_state(ckpt_path, cfg) if resume and not warming else None
-    init = warm_up(cfg, out) if state is None and cfg.warmup_epochs else cfg.init_from
+    init = warm_up(cfg, out, evaluate) if state is None and cfg.warmup_epochs else cfg.init_from
     proc = start_process(cfg)
     spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed)
     cfg.num_classes, cfg.input_shape = spec.num_classes, spec.input_shape
@@ -248,7 +202,6 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     if state is not None:
         restore_optimizers(opts, scheds, state, ckpt_path)
     forward = compiled(net, cfg)
-    nan_step = int(os.environ.get(NAN_AT_STEP_ENV, "-1"))
 
     bar = tqdm(range(start_epoch, cfg.epochs), desc=f"{cfg.method} {cfg.model}", unit="epoch",
                initial=start_epoch, total=cfg.epochs, disable=not proc.main)
@@ -257,12 +210,13 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
         net.train()
         method.harden(False)
         t0 = time.time()
+        method.on_epoch(epoch)                          # per-epoch work (BSQ: precision; CLADO: allocation)
         # loss and regularizer sums and the first non-finite step stay on the device: the step
         # never waits for the host; they are read every CHECK_EVERY steps and at the epoch's end
         sums = torch.zeros(2, device=proc.device)
         first_bad = torch.full((), -1, dtype=torch.long, device=proc.device)
         for step, (x, y) in enumerate(tqdm(train_loader, leave=False, unit="batch", disable=not proc.main)):
-            method.on_epoch(epoch + step / steps)       # per-step schedule (CSQ: beta)
+            method.on_step(epoch + step / steps)        # per-step schedule (CSQ: beta)
             x, y = x.to(proc.device, non_blocking=True), y.to(proc.device, non_blocking=True)
             if spec.augment is not None:
                 x = spec.augment(x)
@@ -270,8 +224,6 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
             with autocast(cfg, proc.device):
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y) + reg
-            if epoch * steps + step == nan_step:
-                loss = loss * float("nan")
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
             if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
                 check_finite(first_bad, epoch, ckpt_path, proc)
@@ -297,7 +249,10 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     if proc.main:
         model.cpu()
         method.harden(True)
-        metrics = summarize(model, method, cfg, history, spec)
+        metrics = summarize(model, method, cfg, history, spec, evaluate)
+        # the last checkpoint again, with the facts freeze records for deploy
+        save_checkpoint(ckpt_path, model, cfg, cfg.epochs - 1, history, opts, scheds,
+                        {k: metrics.get(k) for k in TRAINING_FACTS})
         write_reports(out, metrics, history)
     if proc.world > 1:
         dist.barrier()
@@ -305,7 +260,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     return metrics
 
 
-def warm_up(cfg: TrainConfig, out: Path) -> str:
+def warm_up(cfg: TrainConfig, out: Path, evaluate=None) -> str:
     """The warm-up sub-run in RUN/warmup: 8-bit STE weights (from --init-from, or the zoo's
     initialization) trained for --warmup-epochs; its float weights start the CSQ/BSQ run. A
     finished warm-up is reused, a killed one resumed."""
@@ -313,7 +268,7 @@ def warm_up(cfg: TrainConfig, out: Path) -> str:
     if not (wdir / "metrics.json").exists():
         warm = replace(cfg, method="ste-uniform", weight_bits=8, epochs=cfg.warmup_epochs,
                        finetune_epochs=None, warmup_epochs=0)
-        train(warm, str(wdir), resume=(wdir / "checkpoint.pt").exists())
+        train(warm, str(wdir), resume=(wdir / "checkpoint.pt").exists(), evaluate=evaluate)
     return str(wdir / "checkpoint.pt")
 
 
@@ -372,14 +327,6 @@ def restore_optimizers(opts: dict, scheds: dict, state: dict, ckpt_path: Path):
         raise TrainError(f"{ckpt_path}: optimizer state does not match the model ({str(e)[:120]})") from None
 
 
-def save_checkpoint(path: Path, model, cfg: TrainConfig, epoch: int, history: list, opts: dict, scheds: dict):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save({"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                 "config": cfg.to_dict(), "epoch": epoch, "history": history,
-                 "optimizers": {k: o.state_dict() for k, o in opts.items()},
-                 "schedulers": {k: s.state_dict() for k, s in scheds.items()}}, path)
-
-
 REPORTS = ("checkpoint.pt", "metrics.json", "history.csv", "precision.png", "bits.png")
 
 
@@ -430,7 +377,7 @@ def compiled(net, cfg: TrainConfig):
 
 def autocast(cfg: TrainConfig, device: torch.device):
     """--amp bf16: convolutions and matmuls in bfloat16 (CSQ's weight synthesis and PACT stay
-    fp32: quant.CSQMixin.csq_weight runs with autocast off)."""
+    fp32: methods.csq.CSQMixin.csq_weight runs with autocast off)."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == "bf16")
 
 
@@ -460,54 +407,19 @@ def epoch_report(model, method, test_loader, device, epoch, steps, loss_sum, reg
 
 
 # ----------------------------------------------------------------------------- reports
-def integer_accuracy(model, cfg, spec) -> dict:
-    """Top-1 of the frozen integer program (mixq.intsim: the deployed semantics, input
-    quantized as the runtime does) and how often its class agrees with the hardened fake-quant
-    model's, image by image."""
-    if cfg.act_bits >= 32:
-        return {"int_accuracy": None, "int_agreement": None, "int_note": "float activations: no integer program"}
-    from mixq import graph as G
-    from mixq.freeze import freeze_model
-    from mixq.intsim import IntSim
-    try:
-        sim = IntSim(freeze_model(model, cfg.model, tuple(cfg.input_shape)))
-    except ValueError as e:     # FreezeError: report it, the trained model is still valid
-        return {"int_accuracy": None, "int_agreement": None, "int_note": f"freeze failed: {e}"}
-    model.eval()
-    right = agree = total = 0
-    with torch.no_grad():
-        for x, y in torch.utils.data.DataLoader(spec.test, 256, num_workers=spec.workers):
-            fake = model(x).argmax(1)
-            pred = sim(G.quantize_input(sim.graph.input, x.numpy())).argmax(1)
-            right += int((pred == y).sum())
-            agree += int((pred == fake).sum())
-            total += len(y)
-    return {"int_accuracy": 100.0 * right / total, "int_agreement": 100.0 * agree / total}
-
-
-def summarize(model, method, cfg, history, spec) -> dict:
-    """metrics.json. Bits: `avg_bits` is the paper's average precision (kept mask bits, mean
-    over the searched layers; a fixed 8-bit shortcut is not counted) and `paper_comp` the
-    paper's Comp = 32 / avg_bits; `storage_bits` is the honest bits per weight over every layer
-    (span + sign, weighted by size) and `compression` = 32 / storage_bits."""
+def summarize(model, method, cfg, history, spec, evaluate=None) -> dict:
+    """metrics.json: the run (config_facts), the last epoch's accuracies, evaluate()'s
+    measurements, the bit figures (methods.base.bit_summary), the schedule, the layers."""
     layers = method.export_bits()
-    counted = [r for r in layers if not r.get("fixed")]
-    params = sum(r["params"] for r in layers)
-    storage = sum(r["params"] * r["storage_bits"] for r in layers) / params
-    avg_bits = sum(r["precision"] for r in counted) / len(counted)
     last = history[-1] if history else {}
     return {
-        "model": cfg.model, "dataset": cfg.dataset, "method": cfg.method, "recipe": cfg.recipe,
-        "target_bits": cfg.target_bits if cfg.method in MIXED else cfg.weight_bits,
-        "weight_bits": cfg.weight_bits if cfg.method in FIXED else None, "act_bits": cfg.act_bits,
+        **config_facts(cfg),
         "accuracy": last.get("accuracy"), "relaxed_accuracy": last.get("relaxed_accuracy"),
         "undecided_bits": last.get("undecided_bits"), "undecided_masks": last.get("undecided_masks"),
-        **integer_accuracy(model, cfg, spec), "test_images": len(spec.test), "train_images": len(spec.train),
-        "avg_bits": avg_bits, "paper_comp": 32.0 / avg_bits if avg_bits else None,
-        "avg_bits_weighted": sum(r["params"] * r["precision"] for r in counted) / sum(r["params"] for r in counted),
-        "storage_bits": storage, "compression": 32.0 / storage, "params": params,
+        **(evaluate(model, cfg, spec) if evaluate else {}), "test_images": len(spec.test), "train_images": len(spec.train),
+        **bit_summary(layers),
         "epochs": len(history), "search_epochs": cfg.search(), "finetune_epochs": cfg.finetune(),
-        "mask_final_epoch": cfg.search() * cfg.mask_hard_at if cfg.method == "csq" and cfg.mask_hard_at < 1 else None,
+        "mask_final_epoch": method.bits_final_epoch(),
         "warmup_epochs": cfg.warmup_epochs, "init_from": cfg.init_from, "seed": cfg.seed,
         "train_seconds": round(sum(h["seconds"] for h in history), 2),
         "processes": dist.get_world_size() if dist.is_initialized() else 1,
@@ -516,7 +428,7 @@ def summarize(model, method, cfg, history, spec) -> dict:
 
 
 def write_reports(out: Path, metrics: dict, history: list):
-    atomic_write(out / "metrics.json", json.dumps(metrics, indent=1) + "\n")
+    fsio.write_text(out / "metrics.json", json.dumps(metrics, indent=1) + "\n", TrainError)
     write_history(out, history)
     plot(out, metrics, history)
 
@@ -526,7 +438,7 @@ def write_history(out: Path, history: list):
     w = csv.DictWriter(rows, list(history[0]) if history else [])
     w.writeheader()
     w.writerows(history)
-    atomic_write(out / "history.csv", rows.getvalue())
+    fsio.write_text(out / "history.csv", rows.getvalue(), TrainError)
 
 
 def plot(out: Path, metrics: dict, history: list):
@@ -539,7 +451,7 @@ def plot(out: Path, metrics: dict, history: list):
     for n in names:
         ax.plot(epochs, [h[f"prec:{n}"] for h in history], lw=1, alpha=0.6, label=n if len(names) <= 12 else None)
     ax.plot(epochs, [h["avg_precision"] for h in history], "k", lw=2.5, label="average")
-    if metrics["method"] in MIXED:
+    if METHODS[metrics["method"]].mixed:
         ax.axhline(metrics["target_bits"], color="r", ls="--", lw=1, label="target")
         if metrics["finetune_epochs"]:
             ax.axvline(metrics["search_epochs"] + 0.5, color="gray", ls=":", lw=1, label="mask frozen (finetune)")
@@ -561,7 +473,7 @@ def plot(out: Path, metrics: dict, history: list):
     acc_ax.set(xlabel="epoch", ylabel="test accuracy %", ylim=(0, 100))
     acc_ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    save_png(fig, out / "precision.png")
+    fsio.save_png(fig, out / "precision.png", TrainError)
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(names)), 4))
     x = range(len(names))
     ax.bar(x, [r["storage_bits"] for r in metrics["layers"]], color="#cbd5e8", label="storage bits (span + sign)")
@@ -572,13 +484,5 @@ def plot(out: Path, metrics: dict, history: list):
            + (f"{acc:.2f}%" if acc is not None else "n/a"))
     ax.legend(fontsize=8)
     fig.tight_layout()
-    save_png(fig, out / "bits.png")
+    fsio.save_png(fig, out / "bits.png", TrainError)
 
-
-def save_png(fig, path: Path):
-    import matplotlib.pyplot as plt
-    try:
-        with fsio.atomic_path(path, TrainError) as tmp:
-            fig.savefig(tmp, dpi=110, format="png")
-    finally:
-        plt.close(fig)

@@ -23,10 +23,10 @@ ACTIVATION_NAMES = frozenset({
 
 class Tracer(torch.fx.Tracer):
     """torch.fx with mixq's quantizers and quantized weight layers as single nodes (freeze's walk)."""
-    LEAVES = (quant.InputQuant, quant.ActQuant, *quant.QUANT_LAYERS)
+    LEAVES = (quant.InputQuant, quant.ActQuant)
 
     def is_leaf_module(self, m, qualname):
-        # any quantized weight layer (CSQ, BSQ, CLADO, STE: they all have integer_weight) is one node
+        # any method's quantized weight layer (they all have integer_weight) is one node
         return isinstance(m, self.LEAVES) or hasattr(m, "integer_weight") or super().is_leaf_module(m, qualname)
 
 

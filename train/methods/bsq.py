@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mixq.train.methods import Method
+from mixq.train.methods.base import Method, Option
 from mixq.train.quant import N_BITS, BitInfo, round_ste
 
 LEVELS = 2 ** N_BITS - 1
@@ -159,13 +159,26 @@ class BSQLinear(BSQMixin, nn.Linear):
 class BSQ(Method):
     """Search (group Lasso + precision adjustment each epoch), then finetune at fixed precision."""
     name = "bsq"
+    mixed = True
+    warm_start = True
+    needs_finetune = True
+    bit_params = ("bit_planes_pos", "bit_planes_neg")      # --bit-optimizer at --bit-lr
+    options = (Option("lam", 0.01, "bsq: group-Lasso strength", flag="--lambda"),)
+
+    @classmethod
+    def from_config(cls, cfg, net):
+        return cls(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam)
+
+    @staticmethod
+    def default_finetune(epochs: int) -> int:
+        return epochs // 3
 
     def __init__(self, act_bits: int, target_bits: float, epochs: int, finetune_epochs: int = 0,
                  lam: float = 0.01, reach: float = 0.7):
         super().__init__(act_bits)
         self.target, self.epochs, self.finetune_epochs = target_bits, epochs, finetune_epochs
         self.lam, self.reach = lam, reach
-        self.epoch = 0.0
+        self.epoch = 0
         self.calibration = None
 
     def convert(self, m):
@@ -183,11 +196,10 @@ class BSQ(Method):
         t = min(1.0, epoch / max(1.0, self.reach * self.epochs))
         return N_BITS - (N_BITS - self.target) * t
 
-    def on_epoch(self, epoch: float):
+    def on_epoch(self, epoch: int):
         self.epoch = epoch
-        e = int(epoch)
-        if e == epoch and 0 < e <= self.epochs:      # called once per step: e == epoch at step 0 only
-            self.adjust(self.allowed(e))
+        if 0 < epoch <= self.epochs:
+            self.adjust(self.allowed(epoch))
 
     def attach_data(self, x, y):
         self.calibration = (x[:CALIBRATION_IMAGES], y[:CALIBRATION_IMAGES])
@@ -258,6 +270,3 @@ class BSQ(Method):
     def after_step(self):
         for layer in self.layers():
             layer.clamp_planes()
-
-    def state(self) -> dict:
-        return {"avg_precision": self.avg_precision()}

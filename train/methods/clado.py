@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mixq.train import quant
-from mixq.train.methods import Method
+from mixq.train.methods.base import Method
+from mixq.train.methods.ste import STEConv2d, STELinear
 
 WARMUP_BITS = 8                 # storage bits during warm-up: 7 magnitude bits, the STE ceiling
 CALIBRATION_IMAGES = 256
@@ -63,11 +64,11 @@ class CLADOMixin:
         return q
 
 
-class CLADOConv2d(CLADOMixin, quant.STEConv2d):
+class CLADOConv2d(CLADOMixin, STEConv2d):
     pass
 
 
-class CLADOLinear(CLADOMixin, quant.STELinear):
+class CLADOLinear(CLADOMixin, STELinear):
     pass
 
 
@@ -119,12 +120,21 @@ def exchange(b: list, cost, choices: list) -> list:
 
 class CLADO(Method):
     name = "clado"
+    mixed = True
+    needs_finetune = True
+
+    @classmethod
+    def from_config(cls, cfg, net):
+        return cls(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune())
+
+    @staticmethod
+    def default_finetune(epochs: int) -> int:
+        return epochs // 3
 
     def __init__(self, act_bits: int, target_bits: float, epochs: int, finetune_epochs: int = 0):
         super().__init__(act_bits)
         self.target, self.epochs, self.finetune_epochs = target_bits, epochs, finetune_epochs
         self.calibration = None
-        self.allocation = None          # {"choices", "precisions", "base_loss"} once measured
         self.done = False               # allocated (also read back from the layers on resume)
 
     def convert(self, m):
@@ -134,7 +144,7 @@ class CLADO(Method):
         self.calibration = (x[:CALIBRATION_IMAGES], y[:CALIBRATION_IMAGES])
         self.done = bool(self.layers()[0].searched)
 
-    def on_epoch(self, epoch: float):
+    def on_epoch(self, epoch: int):
         if epoch >= self.epochs and self.finetune_epochs and not self.done:
             self.allocate()
             self.done = True
@@ -179,7 +189,3 @@ class CLADO(Method):
             layer.set_bits(p + 1)
             layer.searched.fill_(True)
         self.model.train(was_training)
-        self.allocation = {"choices": choices, "precisions": precisions, "base_loss": base}
-
-    def state(self) -> dict:
-        return {"avg_precision": sum(layer.bit_info().precision for layer in self.layers()) / len(self.layers())}
