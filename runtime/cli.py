@@ -21,8 +21,8 @@ def add_arguments(p):
     p.add_argument("--images", type=int, default=None, help="check the first N test images (default: all)")
     p.add_argument("--repeat", type=int, default=30, help="latency samples (time_evaluator repeats)")
     p.add_argument("--batch-size", type=int, default=64, help="images per call for the exactness check")
-    p.add_argument("--metrics", default=None, help="the training run's metrics.json (default: found "
-                                                   "beside the frozen model or the build dir)")
+    p.add_argument("--metrics", default=None, help="the training run's metrics.json (default: what the "
+                                                   "frozen model records of its training run)")
     p.add_argument("--no-progress", action="store_true")
 
 

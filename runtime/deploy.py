@@ -56,26 +56,25 @@ def load_build(build_dir) -> tuple[dict, G.IntGraph]:
     return record, G.load(frozen)
 
 
-def find_metrics(record: dict, build_dir: Path, metrics_path=None) -> tuple[dict | None, str | None]:
-    """The training run's metrics.json: --metrics, else beside the frozen model it was compiled
-    from (RUN/frozen -> RUN/metrics.json), else beside the build dir (RUN/build-host)."""
+def training_facts(record: dict, build_dir: Path, graph: G.IntGraph, metrics_path=None) -> tuple[dict | None, str | None]:
+    """(what training measured, where it came from): the frozen model's own record of its
+    training run (manifest meta "training", written by freeze), or a metrics.json given with
+    --metrics (e.g. for a frozen model from before freeze kept that record). None when neither
+    has it: the report then says n/a."""
     if metrics_path:
-        candidates = [Path(metrics_path)]
-        if not candidates[0].is_file():
+        path = Path(metrics_path)
+        if not path.is_file():
             raise DeployError(f"--metrics {metrics_path}: no such file")
-    else:
-        candidates = [Path(record.get("source_frozen_dir", "")).parent / "metrics.json",
-                      Path(build_dir).resolve().parent / "metrics.json"]
-    for c in candidates:
         try:
-            m = json.loads(c.read_text())
+            m = json.loads(path.read_text())
         except (OSError, ValueError):
             m = None
-        if isinstance(m, dict) and m.get("model") == record.get("model"):
-            return m, str(c)
-        if metrics_path:
+        if not isinstance(m, dict) or m.get("model") != record.get("model"):
             raise DeployError(f"--metrics {metrics_path}: not the metrics.json of a {record.get('model')} run")
-    return None, None
+        return m, str(path)
+    facts = graph.meta.get("training")
+    manifest = Path(build_dir) / record.get("frozen", B.FROZEN_COPY) / "manifest.json"
+    return (facts, str(manifest)) if isinstance(facts, dict) else (None, None)
 
 
 # ----------------------------------------------------------------------------- running
@@ -149,7 +148,7 @@ def deploy(build_dir, board: S.BoardSpec | None = None, dataset: str | None = No
         raise DeployError(f"--batch-size {batch_size}: must be >= 1")
     record, graph = load_build(build_dir)
     name, x, y = load_test_split(record, dataset, data_dir, images)
-    metrics, metrics_file = find_metrics(record, build_dir, metrics_path)
+    metrics, metrics_file = training_facts(record, build_dir, graph, metrics_path)
     xq = G.quantize_input(graph.input, x)
 
     t0 = time.time()
@@ -166,6 +165,9 @@ def deploy(build_dir, board: S.BoardSpec | None = None, dataset: str | None = No
         "trained_accuracy": None if metrics is None else metrics.get("accuracy"),
         "trained_int_accuracy": None if metrics is None else metrics.get("int_accuracy"),
         "trained_test_images": None if metrics is None else metrics.get("test_images"),
+        "trained_method": None if metrics is None else metrics.get("method"),
+        "trained_target_bits": None if metrics is None else metrics.get("target_bits"),
+        "trained_avg_bits": None if metrics is None else metrics.get("avg_bits"),
         "metrics_file": metrics_file,
         "target": record["target"], "arch": record["arch"],
         "artifact_bytes": (build_dir / record["library"]).stat().st_size,
@@ -217,7 +219,7 @@ def write_report(path: Path, report: dict):
 
 def summary(r: dict, build_dir: Path) -> str:
     yes = "yes" if r["bit_exact"] else f"NO ({r['mismatches']} of {r['images_checked']} images differ)"
-    trained = "n/a (no metrics.json found; pass --metrics)" if r["trained_accuracy"] is None else \
+    trained = "n/a (the frozen model has no record of its training; pass --metrics)" if r["trained_accuracy"] is None else \
         f"{r['trained_accuracy']:.2f}%"
     lat = r["latency_ms"]
     emu = "  [emulated: qemu speed, not the board's]" if r["emulated"] else ""
