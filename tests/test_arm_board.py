@@ -12,8 +12,6 @@ import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -162,15 +160,10 @@ def test_second_server_on_a_busy_port_is_refused(board):
         arm_board.start(board.port)
 
 
-def _mixq(*args, timeout=1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixq.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
-
-
 @pytest.mark.slow
-def test_digits_train_freeze_compile_deploy_on_the_board(board, tmp_path):
+def test_digits_train_freeze_compile_deploy_on_the_board(board, tmp_path, mixq):
     """The whole pipeline, ending on the emulated board: report.json says bit-exact."""
-    if "aarch64" not in _mixq("compile", "--help").stdout or "--board" not in _mixq("deploy", "--help").stdout:
+    if "aarch64" not in mixq("compile", "--help").stdout or "--board" not in mixq("deploy", "--help").stdout:
         pytest.skip("mixq compile --target aarch64 / mixq deploy --board not in this tree")
     run, frozen, build = tmp_path / "run", tmp_path / "frozen", tmp_path / "build"
     for args in (["train", "--epochs", "3", "--out", str(run)],
@@ -178,7 +171,7 @@ def test_digits_train_freeze_compile_deploy_on_the_board(board, tmp_path):
                  ["compile", str(frozen), "--target", "aarch64", "--out", str(build)],
                  ["deploy", str(build), "--board", board.address, "--metrics",
                   str(run / "metrics.json"), "--no-progress"]):
-        r = _mixq(*args)
+        r = mixq(*args)
         assert r.returncode == 0, f"mixq {args[0]}: {r.stderr[-2000:]}"
     print("\n" + r.stdout)
     report = json.loads((build / "report.json").read_text())

@@ -8,26 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import graphgen  # noqa: E402
-
-from mixq import graph as G  # noqa: E402
+from mixq import graph as G
 
 ELF_MACHINE_AARCH64 = 0xB7
 ELF_MACHINE_X86_64 = 0x3E
 FUZZ_SEEDS = list(range(8))
-
-
-def mixq(*args, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixq.cli", *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +51,7 @@ def test_every_op_kind_has_a_default_lowering():
         assert "default" in [e.name for e in entries], kind
 
 
-def test_a_registered_lowering_is_tried_first_and_may_decline(host_target):
+def test_a_registered_lowering_is_tried_first_and_may_decline(host_target, graphgen):
     from mixq.compile import lower
     g = graphgen.random_graph(1)
     last = g.ops[-1]
@@ -87,7 +77,7 @@ def test_a_registered_lowering_is_tried_first_and_may_decline(host_target):
 
 
 # ----------------------------------------------------------------------------- bit-exactness
-def test_fuzz_seeds_cover_every_op_kind_and_both_residual_shapes():
+def test_fuzz_seeds_cover_every_op_kind_and_both_residual_shapes(graphgen):
     graphs = [graphgen.random_graph(s) for s in FUZZ_SEEDS]
     kinds = {op.kind for g in graphs for op in g.ops}
     assert kinds == set(G.OP_KINDS)
@@ -98,7 +88,7 @@ def test_fuzz_seeds_cover_every_op_kind_and_both_residual_shapes():
 
 
 @pytest.mark.parametrize("seed", FUZZ_SEEDS)
-def test_random_graph_is_bit_exact(seed, host_target):
+def test_random_graph_is_bit_exact(seed, host_target, graphgen):
     g = graphgen.random_graph(seed)
     inputs = [graphgen.random_input(g, 1, seed), graphgen.random_input(g, 9, seed + 1000)]
     outs, _ = compile_and_run(g, host_target, inputs)
@@ -151,13 +141,13 @@ def test_requantization_extremes_are_exact(host_target):
 
 # ----------------------------------------------------------------------------- the CLI
 @pytest.fixture(scope="module")
-def frozen_random(tmp_path_factory) -> Path:
+def frozen_random(tmp_path_factory, graphgen) -> Path:
     path = tmp_path_factory.mktemp("frozen") / "frozen"
     G.save(graphgen.random_graph(2), path)
     return path
 
 
-def test_compile_writes_a_self_contained_build_dir(frozen_random, tmp_path):
+def test_compile_writes_a_self_contained_build_dir(frozen_random, tmp_path, mixq, graphgen):
     import tvm
     from tvm import relax
 
@@ -182,7 +172,7 @@ def test_compile_writes_a_self_contained_build_dir(frozen_random, tmp_path):
     np.testing.assert_array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), G.run(g, x))
 
 
-def test_aarch64_cross_compile_gives_an_aarch64_elf(frozen_random, tmp_path):
+def test_aarch64_cross_compile_gives_an_aarch64_elf(frozen_random, tmp_path, mixq):
     if shutil.which("aarch64-linux-gnu-g++") is None:
         pytest.skip("aarch64-linux-gnu-g++ missing (apt-get install g++-aarch64-linux-gnu)")
     out = tmp_path / "build-arm"
@@ -200,14 +190,14 @@ def test_aarch64_cross_compile_gives_an_aarch64_elf(frozen_random, tmp_path):
     ('{"kind": "cuda"}', "kind 'cuda' is not supported"),
     ("{not json", "not valid JSON"),
 ])
-def test_bad_target_is_one_line_error(frozen_random, tmp_path, target, message):
+def test_bad_target_is_one_line_error(frozen_random, tmp_path, target, message, mixq):
     r = mixq("compile", frozen_random, "--target", target, "--out", tmp_path / "b")
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
     assert not (tmp_path / "b").exists()
 
 
-def test_missing_cross_compiler_names_the_debian_package(frozen_random, tmp_path):
+def test_missing_cross_compiler_names_the_debian_package(frozen_random, tmp_path, mixq):
     empty = tmp_path / "empty-path"
     empty.mkdir()
     env = {**os.environ, "PATH": str(empty)}
@@ -218,7 +208,7 @@ def test_missing_cross_compiler_names_the_debian_package(frozen_random, tmp_path
     assert not (tmp_path / "b").exists()
 
 
-def test_refuses_to_overwrite_a_directory_that_is_not_a_build(frozen_random, tmp_path):
+def test_refuses_to_overwrite_a_directory_that_is_not_a_build(frozen_random, tmp_path, mixq):
     out = tmp_path / "precious"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
@@ -227,7 +217,7 @@ def test_refuses_to_overwrite_a_directory_that_is_not_a_build(frozen_random, tmp
     assert (out / "notes.txt").read_text() == "keep me"
 
 
-def test_corrupt_frozen_model_is_one_line_error(frozen_random, tmp_path):
+def test_corrupt_frozen_model_is_one_line_error(frozen_random, tmp_path, mixq):
     bad = tmp_path / "frozen"
     shutil.copytree(frozen_random, bad)
     victim = sorted((bad / "arrays").iterdir())[0]

@@ -7,7 +7,9 @@ import torch
 import torch.nn as nn
 
 from mixq.train import quant
-from mixq.train.methods import CSQ, STEUniform, initial_bits
+from mixq.train.methods import csq, ste
+from mixq.train.methods.csq import CSQ, initial_bits
+from mixq.train.methods.ste import STEUniform
 
 N = quant.N_BITS
 
@@ -28,7 +30,7 @@ def by_hand(pos, neg, mask, s, beta):
 
 def csq_conv(seed=0, cin=3, cout=4, k=3, **kw):
     torch.manual_seed(seed)
-    return quant.CSQConv2d.from_float(nn.Conv2d(cin, cout, k), kw.get("init_logit", 2.0), kw.get("mask_init", 0.5),
+    return csq.CSQConv2d.from_float(nn.Conv2d(cin, cout, k), kw.get("init_logit", 2.0), kw.get("mask_init", 0.5),
                                       kw.get("init_bits"))
 
 
@@ -44,14 +46,14 @@ def test_fused_weight_equals_the_formula_and_its_autograd_gradient(shape):
     mask = torch.randn(8, dtype=torch.float64, requires_grad=True)
     s = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
     beta = torch.tensor(2.5, dtype=torch.float64)
-    fused = quant._CSQWeight.apply(pos, neg, mask, s, beta)
+    fused = csq._CSQWeight.apply(pos, neg, mask, s, beta)
     ref = by_hand(pos, neg, mask, s, beta)
     assert torch.allclose(fused, ref, rtol=1e-12, atol=1e-15)
-    assert torch.allclose(quant.csq_formula(pos, neg, mask, s, beta), ref, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(csq.csq_formula(pos, neg, mask, s, beta), ref, rtol=1e-12, atol=1e-15)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(fused, (pos, neg, mask, s), g), torch.autograd.grad(ref, (pos, neg, mask, s), g)):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
-    assert torch.autograd.gradcheck(lambda *a: quant._CSQWeight.apply(*a, beta), (pos, neg, mask, s))
+    assert torch.autograd.gradcheck(lambda *a: csq._CSQWeight.apply(*a, beta), (pos, neg, mask, s))
 
 
 def test_no_rounding_in_the_weight_path():
@@ -126,7 +128,7 @@ def test_frozen_mask_is_an_exact_step_and_gets_no_gradient():
 
 
 # ----------------------------------------------------------------------------- initialization
-@pytest.mark.parametrize("cls, make", [(quant.CSQConv2d, lambda: nn.Conv2d(16, 32, 3)), (quant.CSQLinear, lambda: nn.Linear(64, 10))])
+@pytest.mark.parametrize("cls, make", [(csq.CSQConv2d, lambda: nn.Conv2d(16, 32, 3)), (csq.CSQLinear, lambda: nn.Linear(64, 10))])
 def test_init_from_float_weights_starts_where_the_float_model_is(cls, make):
     torch.manual_seed(0)
     m = make()
@@ -187,7 +189,7 @@ def prepared(target=3.0, epochs=10, finetune=4):
 
 def test_prepare_swaps_layers_and_starts_at_the_budget():
     model, method = prepared(target=3.0)
-    assert isinstance(model.conv, quant.CSQConv2d) and isinstance(model.fc, quant.CSQLinear)
+    assert isinstance(model.conv, csq.CSQConv2d) and isinstance(model.fc, csq.CSQLinear)
     assert isinstance(model.relu, quant.ActQuant)
     assert method.avg_precision() == 3.0
     assert [r["precision"] for r in method.export_bits()] == [3, 3]
@@ -195,7 +197,7 @@ def test_prepare_swaps_layers_and_starts_at_the_budget():
 
 def test_regularizer_is_the_papers_budget_term_and_can_be_negative():
     model, method = prepared(target=3.0)
-    method.on_epoch(2.5)
+    method.on_step(2.5)
     set_mask(model.conv, {7, 6, 5, 4, 3})          # 5 bits
     set_mask(model.fc, {7})                        # 1 bit: average 3 = target
     assert float(method.regularizer()) == 0.0
@@ -220,7 +222,7 @@ def test_beta_anneals_exponentially_then_rewinds_for_finetune():
     model, method = prepared(epochs=10, finetune=4)
     betas = {}
     for t in (0, 2.5, 5, 9.99, 10, 12, 13.999):
-        method.on_epoch(t)
+        method.on_step(t)
         betas[t] = method.beta
         assert float(model.conv.beta) == pytest.approx(method.beta)
         assert bool(model.conv.mask_frozen) == (t >= 10)
@@ -278,7 +280,7 @@ def test_ste_uniform_layers_are_fixed_precision_integers(bits):
     torch.manual_seed(0)
     method = STEUniform(8, bits)
     model = method.prepare(TwoLayer())
-    assert isinstance(model.conv, quant.STEConv2d)
+    assert isinstance(model.conv, ste.STEConv2d)
     q, s = model.conv.integer_weight()
     assert int(q.abs().max()) <= 2 ** (bits - 1) - 1
     assert torch.equal(model.conv.ste_weight().detach(), (s * q.double()).float())
@@ -293,24 +295,24 @@ def test_min_layer_bits_guard_lifts_the_best_dropped_bits_while_the_mask_can_mov
     assert method.mask_init == 0.2
     with torch.no_grad():
         model.conv.bit_mask_logits.copy_(torch.tensor([-0.3, -0.1, -0.5, -0.2, -1.0, -1.0, -1.0, -1.0]))
-    method.on_epoch(3.0)
+    method.on_step(3.0)
     assert model.conv.kept_bits() == [1] and float(model.conv.bit_mask_logits[1]) == pytest.approx(0.2)
     assert float(model.conv.bit_mask_logits[0]) == pytest.approx(-0.3)  # the others untouched
     method.min_layer_bits = 2
-    method.on_epoch(3.5)
+    method.on_step(3.5)
     assert model.conv.kept_bits() == [1, 3]
     with torch.no_grad():
         model.conv.bit_mask_logits.copy_(torch.tensor([-1.0, -0.9, -1.2, -1.3, -1.4, -1.5, -1.6, -1.7]))
-    method.on_epoch(10.0)                                               # the step that freezes the mask
+    method.on_step(10.0)                                               # the step that freezes the mask
     assert model.conv.kept_bits() == [0, 1] and bool(model.conv.mask_frozen)
     # ... and the budget is settled on the other layer: 2 layers x target 3 = 6 bits
     assert len(model.fc.kept_bits()) == 4 and bool(model.fc.mask_frozen)
     with torch.no_grad():
         model.conv.bit_mask_logits.fill_(-1.0)
-    method.on_epoch(11.0)                                               # frozen: left as it is
+    method.on_step(11.0)                                               # frozen: left as it is
     assert model.conv.kept_bits() == []
     method.min_layer_bits = 0
-    method.on_epoch(4.0)                                                # guard off: the paper's rule
+    method.on_step(4.0)                                                # guard off: the paper's rule
     assert model.conv.kept_bits() == []
 
 
@@ -356,13 +358,13 @@ def test_beta_saturates_and_the_mask_hardens_without_a_rewind():
     torch.manual_seed(0)
     method = CSQ(8, 3.0, 10, 0, lam=0.01, beta_max=200.0, beta_saturate=0.5, mask_hard_at=0.8)
     model = method.prepare(TwoLayer())
-    method.on_epoch(2.5)
+    method.on_step(2.5)
     assert method.beta == pytest.approx(200 ** 0.5) and not model.conv.frozen
-    method.on_epoch(5.0)
+    method.on_step(5.0)
     assert method.beta == pytest.approx(200)
-    method.on_epoch(7.99)
+    method.on_step(7.99)
     assert not model.conv.frozen
-    method.on_epoch(8.0)                                   # mask final: exact steps, beta stays at its max
+    method.on_step(8.0)                                   # mask final: exact steps, beta stays at its max
     assert model.conv.frozen and model.fc.frozen and method.beta == pytest.approx(200)
     assert float(method.regularizer()) == 0.0
     # every layer shares one beta tensor, filled once per step
@@ -404,14 +406,14 @@ def test_csq_uniform_keeps_the_top_planes_under_a_frozen_mask():
     torch.manual_seed(0)
     method = CSQUniform(8, weight_bits=4, epochs=5)
     model = method.prepare(TwoLayer())
-    method.on_epoch(0.0)
+    method.on_step(0.0)
     for layer in (model.conv, model.fc):
         assert layer.kept_bits() == [5, 6, 7] and layer.frozen
         assert layer.bit_info().storage_bits == 4
         q, _ = layer.integer_weight()
         assert int(q.abs().max()) <= 7
     assert float(method.regularizer()) == 0.0
-    method.on_epoch(4.9)
+    method.on_step(4.9)
     assert method.beta == pytest.approx(200 ** (4.9 / 5))      # annealed over all the epochs
 
 
@@ -424,7 +426,7 @@ def test_fixed_shortcuts_stay_8_bit_outside_the_budget():
     assert [r["name"] for r in fixed] == ["layers.3.shortcut.0", "layers.6.shortcut.0"]
     assert all(r["precision"] == 8 for r in fixed) and len(method.layers()) == 20
     assert method.avg_precision() == 2.0
-    method.on_epoch(1.0)
+    method.on_step(1.0)
     assert all(m.frozen for n, m in quant.quant_layers(method.model) if "shortcut" in n)
 
 
@@ -444,7 +446,7 @@ def test_a_training_step_never_waits_on_the_host(monkeypatch):
     for name in ("item", "__bool__", "tolist", "nonzero"):
         monkeypatch.setattr(torch.Tensor, name, stall)
     for t in (1.0, 1.5):
-        method.on_epoch(t)
+        method.on_step(t)
         loss = model(x).logsumexp(1).mean() + method.regularizer()
         for o in opts.values():
             o.zero_grad()

@@ -25,11 +25,6 @@ from mixq.runtime import session as S
 from conftest import CIFAR
 
 
-def mixq(*args, timeout=1800) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mixq.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def ok(r: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert r.returncode == 0, r.stderr[-3000:]
     return r
@@ -40,7 +35,7 @@ def quiet(_msg):
 
 
 @pytest.fixture(scope="session")
-def digits(tmp_path_factory):
+def digits(tmp_path_factory, mixq):
     """RUN/{checkpoint.pt, metrics.json, frozen/, build-host/} from the CLI, and deploy's output."""
     run = tmp_path_factory.mktemp("digits") / "run"
     ok(mixq("train", "--epochs", "3", "--out", run))
@@ -108,7 +103,7 @@ def copy_build(digits, tmp_path) -> Path:
     return build
 
 
-def test_frozen_manifest_hash_mismatch_is_refused(digits, tmp_path):
+def test_frozen_manifest_hash_mismatch_is_refused(digits, tmp_path, mixq):
     build = copy_build(digits, tmp_path)
     manifest = build / "frozen" / "manifest.json"
     m = json.loads(manifest.read_text())
@@ -119,7 +114,7 @@ def test_frozen_manifest_hash_mismatch_is_refused(digits, tmp_path):
     assert "frozen_manifest_sha256" in r.stderr and "manifest.json" in r.stderr
 
 
-def test_replaced_library_is_refused(digits, tmp_path):
+def test_replaced_library_is_refused(digits, tmp_path, mixq):
     build = copy_build(digits, tmp_path)
     lib = build / "model.so"
     lib.write_bytes(lib.read_bytes() + b"\0")
@@ -127,7 +122,7 @@ def test_replaced_library_is_refused(digits, tmp_path):
     assert r.returncode == 2 and "model.so: sha256 does not match" in r.stderr, r.stderr
 
 
-def test_missing_library_is_refused(digits, tmp_path):
+def test_missing_library_is_refused(digits, tmp_path, mixq):
     build = copy_build(digits, tmp_path)
     (build / "model.so").unlink()
     r = mixq("deploy", build, "--no-progress")
@@ -135,7 +130,7 @@ def test_missing_library_is_refused(digits, tmp_path):
 
 
 # ----------------------------------------------------------------------------- boards
-def test_unreachable_board_is_a_one_line_error_after_a_bounded_retry(digits):
+def test_unreachable_board_is_a_one_line_error_after_a_bounded_retry(digits, mixq):
     run, _ = digits
     t0 = time.time()
     r = mixq("deploy", run / "build-host", "--board", f"127.0.0.1:{free_port()}", "--no-progress")
@@ -144,7 +139,7 @@ def test_unreachable_board_is_a_one_line_error_after_a_bounded_retry(digits):
     assert time.time() - t0 < 60
 
 
-def test_library_for_another_arch_is_refused_by_the_board(digits, tmp_path):
+def test_library_for_another_arch_is_refused_by_the_board(digits, tmp_path, mixq):
     if shutil.which("aarch64-linux-gnu-g++") is None:
         pytest.skip("aarch64-linux-gnu-g++ missing (apt-get install g++-aarch64-linux-gnu)")
     run, _ = digits
@@ -315,7 +310,7 @@ def test_tracker_finds_the_board_by_key(digits):
         tracker.terminate()
 
 
-def test_deploy_option_errors_are_one_line(digits):
+def test_deploy_option_errors_are_one_line(digits, mixq):
     run, _ = digits
     for args, message in ((["--tracker", "127.0.0.1:1"], "--tracker needs --key"),
                           (["--key", "k"], "--key needs --tracker"),
@@ -326,7 +321,7 @@ def test_deploy_option_errors_are_one_line(digits):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, (args, r.stderr)
 
 
-def test_metrics_of_another_model_are_refused(digits, tmp_path):
+def test_metrics_of_another_model_are_refused(digits, tmp_path, mixq):
     run, _ = digits
     other = tmp_path / "metrics.json"
     other.write_text(json.dumps({"model": "resnet20", "accuracy": 91.0}))
@@ -336,7 +331,7 @@ def test_metrics_of_another_model_are_refused(digits, tmp_path):
 
 # ----------------------------------------------------------------------------- CIFAR-10
 @pytest.fixture(scope="module")
-def resnet20(tmp_path_factory) -> Path:
+def resnet20(tmp_path_factory, mixq) -> Path:
     """A CSQ resnet20 run on 2000 CIFAR-10 images: 2 warm-up epochs of 8-bit STE weights, then
     2 CSQ epochs (from scratch, a few CSQ epochs stay near chance; this starts ~30-40%)."""
     if not CIFAR.exists():
@@ -350,7 +345,7 @@ def resnet20(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_cifar10_resnet20_is_bit_exact(resnet20):
+def test_cifar10_resnet20_is_bit_exact(resnet20, mixq):
     run = resnet20
     ok(mixq("compile", run / "frozen", "--out", run / "build-host"))
     # the same 500 evenly spread test images the run was evaluated on (--test-subset 500)
@@ -367,7 +362,7 @@ def test_cifar10_resnet20_is_bit_exact(resnet20):
 
 
 @pytest.mark.slow
-def test_cifar10_resnet20_is_bit_exact_on_the_emulated_aarch64_board(resnet20):
+def test_cifar10_resnet20_is_bit_exact_on_the_emulated_aarch64_board(resnet20, mixq):
     from mixq.runtime import arm_board
     if shutil.which("aarch64-linux-gnu-g++") is None:
         pytest.skip("aarch64-linux-gnu-g++ missing (apt-get install g++-aarch64-linux-gnu)")

@@ -15,10 +15,8 @@ import pytest
 
 from mixq import cli, graph as G
 from mixq.train.config import TrainConfig
-from mixq.train.loop import load_checkpoint, train
-
-from test_freeze import trained_digits
-from test_train import cli_error, mixq_train, run_error
+from mixq.train.checkpoint import load_checkpoint
+from mixq.train.loop import train
 
 
 @pytest.fixture
@@ -63,13 +61,13 @@ def leftovers(root: Path) -> list:
 
 
 # ----------------------------------------------------------------------------- a full disk
-def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path, small_disk, capsys):
+def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path, small_disk, capsys, run_error):
     """The first checkpoint fits, the second does not (its temporary needs as much room again)."""
     probe = tmp_path / "probe"
     train(TrainConfig(epochs=1, train_subset=100), str(probe))
     size = (probe / "checkpoint.pt").stat().st_size
     run = small_disk((size * 3 // 2) // 4096 * 4096) / "run"
-    err = run_error(["train", "--epochs", "3", "--train-subset", "100", "--out", str(run)], capsys)
+    err = run_error(["train", "--epochs", "3", "--train-subset", "100", "--out", str(run)])
     assert err == f"mixq train: error: no space left on device writing {run / 'checkpoint.pt'}"
     assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 0
     # the last good epoch's checkpoint and history (written every epoch), nothing half-written
@@ -77,8 +75,8 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path, small_disk, ca
     assert len((run / "history.csv").read_text().splitlines()) == 2
 
 
-def test_freeze_compile_export_deploy_on_a_full_disk(tmp_path_factory, small_disk, capsys):
-    digits = trained_digits(tmp_path_factory)
+def test_freeze_compile_export_deploy_on_a_full_disk(small_disk, trained_digits, capsys, cli_error):
+    digits = trained_digits
     disk = small_disk(32 << 20)
     frozen, build, onnx_file = disk / "frozen", disk / "build", disk / "model.onnx"
     stages = {
@@ -96,7 +94,7 @@ def test_freeze_compile_export_deploy_on_a_full_disk(tmp_path_factory, small_dis
     before = artifacts()
     fill(disk)
     for name, (argv, path) in stages.items():
-        err = cli_error(argv, capsys)
+        err = cli_error(argv)
         assert err == f"mixq {name}: error: no space left on device writing {path}\n", err
         assert leftovers(disk) == [], name
     assert artifacts() == before
@@ -104,7 +102,7 @@ def test_freeze_compile_export_deploy_on_a_full_disk(tmp_path_factory, small_dis
 
 
 # ----------------------------------------------------------------------------- concurrent commands
-def test_two_trains_into_one_run_dir(tmp_path):
+def test_two_trains_into_one_run_dir(tmp_path, mixq_train):
     """Two `mixq train --out R` started together: one trains, the other fails at once naming it."""
     run = tmp_path / "run"
     argv = mixq_train("--epochs", "5", "--out", run)
@@ -124,8 +122,8 @@ def test_two_trains_into_one_run_dir(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]        # no lock file left
 
 
-def test_freeze_and_compile_outputs_are_locked_until_the_holder_dies(tmp_path_factory, tmp_path, capsys):
-    digits = trained_digits(tmp_path_factory)
+def test_freeze_and_compile_outputs_are_locked_until_the_holder_dies(trained_digits, tmp_path, capsys, cli_error):
+    digits = trained_digits
     frozen, build = tmp_path / "frozen", tmp_path / "build"
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time\nfrom mixq import fsio\n"
@@ -133,9 +131,9 @@ def test_freeze_and_compile_outputs_are_locked_until_the_holder_dies(tmp_path_fa
          str(frozen), str(build)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        err = cli_error(["freeze", str(digits["run"] / "checkpoint.pt"), "--out", str(frozen)], capsys)
+        err = cli_error(["freeze", str(digits["run"] / "checkpoint.pt"), "--out", str(frozen)])
         assert err == f"mixq freeze: error: {frozen}: locked by another mixq process (pid {holder.pid})\n"
-        err = cli_error(["compile", str(digits["frozen"]), "--out", str(build)], capsys)
+        err = cli_error(["compile", str(digits["frozen"]), "--out", str(build)])
         assert err == f"mixq compile: error: {build}: locked by another mixq process (pid {holder.pid})\n"
         assert not frozen.exists() and not build.exists()
     finally:

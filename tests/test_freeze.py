@@ -13,30 +13,11 @@ import torch.nn as nn
 from mixq import cli, data, graph as G, intsim, models
 from mixq.freeze import FreezeError, freeze_model
 from mixq.train import quant
+from mixq.train.methods import csq
 from mixq.train.config import TrainConfig, build
-from mixq.train.loop import load_checkpoint, restore_model, train
+from mixq.train.checkpoint import load_checkpoint, restore_model
 
-from conftest import CIFAR, needs_cifar
-
-_DIGITS = {}
-
-
-def trained_digits(tmp_path_factory) -> dict:
-    """One default-config CSQ run on digits, frozen through the CLI, per test session
-    (test_onnx.py uses it too)."""
-    if not _DIGITS:
-        base = tmp_path_factory.mktemp("digits")
-        train(TrainConfig(), str(base / "run"))
-        assert cli.main(["freeze", str(base / "run/checkpoint.pt"), "--out", str(base / "frozen")]) == 0
-        _DIGITS.update(run=base / "run", frozen=base / "frozen",
-                       metrics=json.loads((base / "run/metrics.json").read_text()))
-    return _DIGITS
-
-
-@pytest.fixture
-def digits(tmp_path_factory):
-    return trained_digits(tmp_path_factory)
-
+from conftest import CIFAR, forced_model, needs_cifar
 
 def hardened_model(run_dir: Path):
     model, method, cfg = restore_model(load_checkpoint(run_dir / "checkpoint.pt"))
@@ -48,89 +29,80 @@ def digits_test():
     return data.test_arrays(data.load("digits"))
 
 
-def cli_error(argv, capsys) -> str:
-    """Run the CLI in-process; it must fail with exit 2 and exactly one line on stderr."""
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
 def no_leftovers(parent: Path):
     return not [p for p in parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
 
 
-# ----------------------------------------------------------------------------- digits, trained
-def test_digits_golden_equals_integer_simulation(digits):
-    g = G.load(digits["frozen"])
+# ----------------------------------------------------------------------------- trained_digits, trained
+def test_digits_golden_equals_integer_simulation(trained_digits):
+    g = G.load(trained_digits["frozen"])
     x, _ = digits_test()
     gold = G.run_batched(g, G.quantize_input(g.input, x))
     assert gold.dtype == np.int32 and gold.shape == (len(x), 10)
     assert np.array_equal(intsim.IntSim(g).logits(torch.from_numpy(x)).numpy(), gold)
     # the trained model's own integer simulation (frozen in memory) is the same program
-    model, cfg = hardened_model(digits["run"])
+    model, cfg = hardened_model(trained_digits["run"])
     assert np.array_equal(intsim.IntSim.from_model(model, cfg.input_shape).logits(torch.from_numpy(x)).numpy(), gold)
 
 
-def test_digits_integer_accuracy_tracks_fake_quant(digits, capsys):
+def test_digits_integer_accuracy_tracks_fake_quant(trained_digits, capsys):
     capsys.readouterr()
-    assert cli.main(["eval", str(digits["frozen"]), "--json"]) == 0
+    assert cli.main(["eval", str(trained_digits["frozen"]), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     x, y = digits_test()
-    assert res["images"] == len(y) == digits["metrics"]["test_images"]
-    model, _ = hardened_model(digits["run"])
+    assert res["images"] == len(y) == trained_digits["metrics"]["test_images"]
+    model, _ = hardened_model(trained_digits["run"])
     with torch.no_grad():
         fake_quant = model(torch.from_numpy(x)).argmax(1).numpy()
-    g = G.load(digits["frozen"])
+    g = G.load(trained_digits["frozen"])
     integer = G.run_batched(g, G.quantize_input(g.input, x)).argmax(1)
     agreement = 100.0 * float((fake_quant == integer).mean())
-    print(f"\ndigits: fake-quant {digits['metrics']['accuracy']:.2f}% integer {res['accuracy']:.2f}% "
+    print(f"\ndigits: fake-quant {trained_digits['metrics']['accuracy']:.2f}% integer {res['accuracy']:.2f}% "
           f"agreement {agreement:.2f}%")
     assert res["accuracy"] == pytest.approx(100.0 * float((integer == y).mean()))
     # a model that predicts one class agrees with anything: the comparison needs a trained model
-    assert digits["metrics"]["accuracy"] >= 30.0, "the default digits run did not learn (a train/ problem)"
-    assert abs(res["accuracy"] - digits["metrics"]["accuracy"]) <= 0.3
-    if digits["metrics"].get("int_accuracy") is not None:   # train's in-memory integer simulation = the artifact
-        assert digits["metrics"]["int_accuracy"] == pytest.approx(res["accuracy"])
+    assert trained_digits["metrics"]["accuracy"] >= 30.0, "the default digits run did not learn (a train/ problem)"
+    assert abs(res["accuracy"] - trained_digits["metrics"]["accuracy"]) <= 0.3
+    if trained_digits["metrics"].get("int_accuracy") is not None:   # train's in-memory integer simulation = the artifact
+        assert trained_digits["metrics"]["int_accuracy"] == pytest.approx(res["accuracy"])
     assert agreement >= 99.0
 
 
-def test_freeze_is_deterministic_and_bytes_track_bits(digits, tmp_path):
-    assert cli.main(["freeze", str(digits["run"] / "checkpoint.pt"), "--out", str(tmp_path / "again")]) == 0
-    first = sorted(p.relative_to(digits["frozen"]) for p in digits["frozen"].rglob("*"))
+def test_freeze_is_deterministic_and_bytes_track_bits(trained_digits, tmp_path):
+    assert cli.main(["freeze", str(trained_digits["run"] / "checkpoint.pt"), "--out", str(tmp_path / "again")]) == 0
+    first = sorted(p.relative_to(trained_digits["frozen"]) for p in trained_digits["frozen"].rglob("*"))
     second = sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*"))
     assert first == second
     for rel in first:
-        if (digits["frozen"] / rel).is_file():
-            assert (digits["frozen"] / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
+        if (trained_digits["frozen"] / rel).is_file():
+            assert (trained_digits["frozen"] / rel).read_bytes() == (tmp_path / "again" / rel).read_bytes(), rel
     # per-layer bits in the manifest are the trained model's (one source of truth: bit_info)
-    manifest = json.loads((digits["frozen"] / "manifest.json").read_text())
+    manifest = json.loads((trained_digits["frozen"] / "manifest.json").read_text())
     ops = {o["name"]: o for o in manifest["ops"]}
-    layers = digits["metrics"]["layers"]
+    layers = trained_digits["metrics"]["layers"]
     ideal = actual = 0
     for row in layers:
         op = ops[row["name"]] if row["name"] in ops else ops["net." + row["name"]]   # names may omit QuantModel's "net."
         for key in ("precision", "storage_bits", "kept_bits"):
             assert op["attrs"][key] == row[key], (row["name"], key)
         ideal += row["params"] * row["storage_bits"] / 8
-        actual += (digits["frozen"] / op["arrays"]["weight"]["file"]).stat().st_size
+        actual += (trained_digits["frozen"] / op["arrays"]["weight"]["file"]).stat().st_size
     assert abs(actual - ideal) <= 0.03 * ideal + len(layers)
-    assert "pickle" not in (digits["frozen"] / "manifest.json").read_text()
+    assert "pickle" not in (trained_digits["frozen"] / "manifest.json").read_text()
 
 
-def test_inspect_reports_layers_and_sizes(digits, capsys):
+def test_inspect_reports_layers_and_sizes(trained_digits, capsys):
     capsys.readouterr()
-    assert cli.main(["inspect", str(digits["frozen"])]) == 0
+    assert cli.main(["inspect", str(trained_digits["frozen"])]) == 0
     table = capsys.readouterr().out
-    assert cli.main(["inspect", str(digits["frozen"]), "--json"]) == 0
+    assert cli.main(["inspect", str(trained_digits["frozen"]), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    on_disk = sum(p.stat().st_size for p in (digits["frozen"] / "arrays").iterdir())
+    on_disk = sum(p.stat().st_size for p in (trained_digits["frozen"] / "arrays").iterdir())
     assert info["bytes"] == on_disk
-    assert info["params"] == digits["metrics"]["params"]
+    assert info["params"] == trained_digits["metrics"]["params"]
     assert info["float32_bytes"] > 4 * info["params"] and info["compression"] == pytest.approx(info["float32_bytes"] / on_disk)
-    assert info["storage_bits_per_weight"] == pytest.approx(digits["metrics"]["storage_bits"], rel=0.03)
-    for row in digits["metrics"]["layers"]:
+    assert info["storage_bits_per_weight"] == pytest.approx(trained_digits["metrics"]["storage_bits"], rel=0.03)
+    for row in trained_digits["metrics"]["layers"]:
         assert row["name"].removeprefix("net.") in table
     assert "compression" in table and f"{on_disk:,}" in table
 
@@ -165,23 +137,23 @@ def write_checkpoint(path: Path, cfg: TrainConfig, model) -> Path:
     return path
 
 
-def test_bad_checkpoints_fail_in_one_line_without_output(digits, tmp_path, capsys, monkeypatch):
+def test_bad_checkpoints_fail_in_one_line_without_output(trained_digits, tmp_path, capsys, monkeypatch, cli_error):
     out = tmp_path / "frozen"
     # a checkpoint whose config names another model than its weights
-    ckpt = torch.load(digits["run"] / "checkpoint.pt", weights_only=True)
+    ckpt = torch.load(trained_digits["run"] / "checkpoint.pt", weights_only=True)
     ckpt["config"].update(model="resnet20", dataset="cifar10", input_shape=[3, 32, 32])
     torch.save(ckpt, tmp_path / "other.pt")
-    err = cli_error(["freeze", str(tmp_path / "other.pt"), "--out", str(out)], capsys)
+    err = cli_error(["freeze", str(tmp_path / "other.pt"), "--out", str(out)])
     assert "other.pt" in err and "does not match its model config" in err
     # not a checkpoint at all
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    assert "junk.pt" in cli_error(["freeze", str(tmp_path / "junk.pt"), "--out", str(out)], capsys)
+    assert "junk.pt" in cli_error(["freeze", str(tmp_path / "junk.pt"), "--out", str(out)])
     # an unsupported layer type, named (mixq train refuses to train it: the weights are built here
     # with float activations, the same parameters, and saved under an 8-bit config)
     monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
     cfg = TrainConfig(model="gelu-cnn")
     ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
-    err = cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
+    err = cli_error(["freeze", str(ckpt), "--out", str(out)])
     assert "'net.act'" in err and "GELU" in err
     # a model whose accumulator could overflow, named
     monkeypatch.setitem(models.MODELS, "wide-linear", WideLinear)
@@ -192,25 +164,25 @@ def test_bad_checkpoints_fail_in_one_line_without_output(digits, tmp_path, capsy
         model.net.fc.bit_logits_neg.fill_(-1.0)
         model.net.fc.bit_mask_logits.fill_(1.0)
     ckpt = write_checkpoint(tmp_path / "wide/checkpoint.pt", cfg, model)
-    err = cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
+    err = cli_error(["freeze", str(ckpt), "--out", str(out)])
     assert "'net.fc'" in err and "overflow" in err and "fan-in 90000" in err
     assert not out.exists() and no_leftovers(tmp_path)
 
 
-def test_existing_frozen_dir_is_replaced_only_on_success(digits, tmp_path, capsys, monkeypatch):
+def test_existing_frozen_dir_is_replaced_only_on_success(trained_digits, tmp_path, capsys, monkeypatch, cli_error):
     out = tmp_path / "frozen"
-    assert cli.main(["freeze", str(digits["run"] / "checkpoint.pt"), "--out", str(out)]) == 0
+    assert cli.main(["freeze", str(trained_digits["run"] / "checkpoint.pt"), "--out", str(out)]) == 0
     before = G.manifest_sha256(out)
     monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
     cfg = TrainConfig(model="gelu-cnn")
     ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
-    cli_error(["freeze", str(ckpt), "--out", str(out)], capsys)
+    cli_error(["freeze", str(ckpt), "--out", str(out)])
     assert G.manifest_sha256(out) == before
     # a directory that is not a frozen model is never overwritten
-    err = cli_error(["freeze", str(digits["run"] / "checkpoint.pt"), "--out", str(digits["run"])], capsys)
-    assert "refusing to overwrite" in err and (digits["run"] / "checkpoint.pt").exists()
+    err = cli_error(["freeze", str(trained_digits["run"] / "checkpoint.pt"), "--out", str(trained_digits["run"])])
+    assert "refusing to overwrite" in err and (trained_digits["run"] / "checkpoint.pt").exists()
     # success replaces it: the same run with the classifier's bits all dropped is another artifact
-    ck = torch.load(digits["run"] / "checkpoint.pt", weights_only=True)
+    ck = torch.load(trained_digits["run"] / "checkpoint.pt", weights_only=True)
     model, _, cfg = restore_model(ck)
     with torch.no_grad():
         model.net.fc.bit_mask_logits.fill_(-1.0)       # drop every bit of the classifier
@@ -221,25 +193,25 @@ def test_existing_frozen_dir_is_replaced_only_on_success(digits, tmp_path, capsy
     assert no_leftovers(tmp_path)
 
 
-def test_damaged_frozen_dirs_fail_in_one_line(digits, tmp_path, capsys):
-    manifest = json.loads((digits["frozen"] / "manifest.json").read_text())
+def test_damaged_frozen_dirs_fail_in_one_line(trained_digits, tmp_path, capsys, cli_error):
+    manifest = json.loads((trained_digits["frozen"] / "manifest.json").read_text())
     weight_file = manifest["ops"][1]["arrays"]["weight"]["file"]
     d = tmp_path / "truncated"
-    shutil.copytree(digits["frozen"], d)
+    shutil.copytree(trained_digits["frozen"], d)
     f = d / weight_file
     f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
-    err = cli_error(["eval", str(d)], capsys)
+    err = cli_error(["eval", str(d)])
     assert Path(weight_file).name in err and "truncated" in err
     d = tmp_path / "modified"
-    shutil.copytree(digits["frozen"], d)
+    shutil.copytree(trained_digits["frozen"], d)
     f = d / weight_file
     raw = bytearray(f.read_bytes())
     raw[0] ^= 0xFF
     f.write_bytes(bytes(raw))
     for cmd in ("eval", "inspect"):
-        err = cli_error([cmd, str(d)], capsys)
+        err = cli_error([cmd, str(d)])
         assert Path(weight_file).name in err and "sha256" in err
-    err = cli_error(["eval", str(tmp_path / "missing")], capsys)
+    err = cli_error(["eval", str(tmp_path / "missing")])
     assert "manifest.json" in err
 
 
@@ -257,14 +229,14 @@ def test_freeze_model_names_unsupported_layers():
 
     with pytest.raises(FreezeError, match="gelu.*not supported"):
         freeze_model(quant_model(FunctionalGelu()), "fgelu", (1, 8, 8))
-    conv = quant.CSQConv2d.from_float(nn.Conv2d(1, 2, 3), 2.0, 0.5)
-    conv2 = quant.CSQConv2d.from_float(nn.Conv2d(2, 2, 3), 2.0, 0.5)
+    conv = csq.CSQConv2d.from_float(nn.Conv2d(1, 2, 3), 2.0, 0.5)
+    conv2 = csq.CSQConv2d.from_float(nn.Conv2d(2, 2, 3), 2.0, 0.5)
     with pytest.raises(FreezeError, match=r"layer 'net\.1'.*missing activation quantizer"):
         freeze_model(quant_model(nn.Sequential(conv, conv2)), "no-act", (1, 8, 8))
-    model = quant_model(nn.Sequential(quant.CSQConv2d.from_float(nn.Conv2d(1, 2, 3), 2.0, 0.5), quant.ActQuant(32)))
+    model = quant_model(nn.Sequential(csq.CSQConv2d.from_float(nn.Conv2d(1, 2, 3), 2.0, 0.5), quant.ActQuant(32)))
     with pytest.raises(FreezeError, match=r"layer 'net\.1'.*float"):
         freeze_model(model, "float-act", (1, 8, 8))
-    head = quant.CSQLinear.from_float(nn.Linear(4, 3), 2.0, 0.5)
+    head = csq.CSQLinear.from_float(nn.Linear(4, 3), 2.0, 0.5)
     model = quant_model(nn.Sequential(nn.Flatten(), head, nn.BatchNorm1d(3)))
     with torch.no_grad():
         model.net[2].weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
@@ -273,35 +245,6 @@ def test_freeze_model_names_unsupported_layers():
 
 
 # ----------------------------------------------------------------------------- random-weight zoo models
-def forced_model(name: str, input_shape, act_bits: int, kept_sets: list | None, calib: np.ndarray, seed: int = 0):
-    """A zoo model with random weights, random BN with some negative gammas, and activation
-    clips / BN statistics calibrated on `calib` (one training-mode forward), hardened for
-    freezing. kept_sets: CSQ layers with their kept bit sets forced (cycling over the layers);
-    None: 4-bit ste-uniform layers (cheap to build: no per-bit logits), for structure tests."""
-    torch.manual_seed(seed)
-    method_name = "csq" if kept_sets else "ste-uniform"
-    cfg = TrainConfig(model=name, method=method_name, weight_bits=4, act_bits=act_bits, num_classes=10,
-                      input_shape=tuple(input_shape))
-    model, method = build(cfg)
-    model.input_quant.calibrate(torch.from_numpy(calib))
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.momentum = None                       # running stats = this batch's
-            with torch.no_grad():
-                sign = torch.where(torch.rand_like(m.weight) < 0.2, -1.0, 1.0)
-                m.weight.copy_(torch.empty_like(m.weight).uniform_(0.5, 1.5) * sign)
-                m.bias.copy_(torch.randn_like(m.bias) * 0.2)
-    for i, (_, layer) in enumerate(quant.quant_layers(model) if kept_sets else []):
-        kept = kept_sets[i % len(kept_sets)]
-        with torch.no_grad():
-            layer.bit_mask_logits.copy_(torch.tensor([1.0 if b in kept else -1.0 for b in range(8)]))
-    method.harden(True)
-    model.train()
-    with torch.no_grad():
-        model(torch.from_numpy(calib))
-    return model.eval()
-
-
 MIXES = {   # activation bits, kept bit sets cycled over the layers
     "a8-noncontiguous-1bit": (8, [{7, 3}, {5}, set(range(8)), {0, 1, 2, 3}, {6, 7}]),
     "a4-sparse": (4, [{6, 2}, {7, 5, 1}, {4}, {3, 4, 5, 6}]),

@@ -8,7 +8,7 @@ import pytest
 
 from mixq import cli, data, graph as G, onnx_export
 from mixq.freeze import freeze_model
-from test_freeze import digits, forced_model  # noqa: F401  (digits: the session's one trained run)
+from conftest import forced_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -34,14 +34,14 @@ def weight_types(model) -> dict:
     return out
 
 
-def test_digits_export_runs_in_onnxruntime_and_agrees(digits, tmp_path, capsys):
-    g = G.load(digits["frozen"])
+def test_digits_export_runs_in_onnxruntime_and_agrees(trained_digits, tmp_path, capsys):
+    g = G.load(trained_digits["frozen"])
     x, y = data.test_arrays(data.load("digits"))
     gold = G.run_batched(g, G.quantize_input(g.input, x)).argmax(1)
     sizes = {}
     for name, extra in (("auto", []), ("int8", ["--no-int4"])):
         path = tmp_path / f"{name}.onnx"
-        assert cli.main(["export-onnx", str(digits["frozen"]), str(path), *extra]) == 0
+        assert cli.main(["export-onnx", str(trained_digits["frozen"]), str(path), *extra]) == 0
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
         ops = {n.op_type for n in model.graph.node}
@@ -125,23 +125,23 @@ def test_handmade_graph_export_is_exact_up_to_float_rounding():
         assert (np.abs(got - real) > 1e-4).mean() < 0.02
 
 
-def test_int4_needs_onnxruntime_1_19(monkeypatch, digits, tmp_path):
+def test_int4_needs_onnxruntime_1_19(monkeypatch, trained_digits, tmp_path):
     monkeypatch.setattr(ort, "__version__", "1.18.1")
     assert not onnx_export.int4_supported()
     path = tmp_path / "old.onnx"
-    assert cli.main(["export-onnx", str(digits["frozen"]), str(path)]) == 0
+    assert cli.main(["export-onnx", str(trained_digits["frozen"]), str(path)]) == 0
     model = onnx.load(str(path))
     assert model.opset_import[0].version == 13 and "INT4" not in weight_types(model).values()
     monkeypatch.setattr(ort, "__version__", "1.19.0")
     assert onnx_export.int4_supported() == hasattr(onnx.TensorProto, "INT4")
 
 
-def test_export_is_atomic_and_errors_are_one_line(digits, tmp_path, capsys):
+def test_export_is_atomic_and_errors_are_one_line(trained_digits, tmp_path, capsys):
     out = tmp_path / "model.onnx"
-    assert cli.main(["export-onnx", str(digits["frozen"]), str(out)]) == 0
+    assert cli.main(["export-onnx", str(trained_digits["frozen"]), str(out)]) == 0
     before = out.read_bytes()
     bad = tmp_path / "bad"
-    shutil.copytree(digits["frozen"], bad)
+    shutil.copytree(trained_digits["frozen"], bad)
     m = json.loads((bad / "manifest.json").read_text())
     f = bad / m["ops"][0]["arrays"]["bias"]["file"]
     f.write_bytes(f.read_bytes()[:-1])
@@ -150,6 +150,6 @@ def test_export_is_atomic_and_errors_are_one_line(digits, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "truncated" in err
     assert out.read_bytes() == before
-    assert cli.main(["export-onnx", str(digits["frozen"]), str(tmp_path)]) == 2
+    assert cli.main(["export-onnx", str(trained_digits["frozen"]), str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "model.onnx"]

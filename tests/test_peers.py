@@ -10,9 +10,10 @@ import torch
 import torch.nn as nn
 
 from mixq import cli, data, graph as G, intsim
-from mixq.train import bsq, clado, quant
+from mixq.train.methods import bsq, clado
 from mixq.train.config import TrainConfig
-from mixq.train.loop import load_checkpoint, restore_model, train
+from mixq.train.checkpoint import load_checkpoint, restore_model
+from mixq.train_command import train
 
 
 def bsq_layer(seed=0, shape=(6, 3, 3, 3)):

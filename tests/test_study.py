@@ -1,9 +1,4 @@
 """bench/study.py's bookkeeping (the grid itself runs for hours: `make study`)."""
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import study  # noqa: E402
 
 
 def row(method, target, wbits, acc, bits=None, recipe="mixq", seed=0):
@@ -11,13 +6,13 @@ def row(method, target, wbits, acc, bits=None, recipe="mixq", seed=0):
             "accuracy": acc, "avg_bits": bits if bits is not None else (target or wbits - 1)}
 
 
-def test_the_grid_has_the_issues_rows_with_unique_run_names():
+def test_the_grid_has_the_issues_rows_with_unique_run_names(study):
     names = {study.row_name(*spec, seed=0) for spec in study.GRID}
     assert len(names) == len(study.GRID) == 6 + 5 + 4 + 1
     assert "csq-t3-s0" in names and "ste-uniform-w4-s0" in names and "csq-paper-t3-s0" in names
 
 
-def test_close_pairs_get_a_second_seed_and_targets_are_checked():
+def test_close_pairs_get_a_second_seed_and_targets_are_checked(study):
     rows = [row("csq", 3, None, 70.0), row("ste-uniform", None, 4, 70.5), row("bsq", 3, None, 75.0),
             row("csq", 2, None, 71.5, bits=1.8)]
     again = study.second_seeds(rows)

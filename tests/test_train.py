@@ -16,34 +16,13 @@ import torch
 
 from mixq import cli
 from mixq.train.config import TrainConfig
-from mixq.train.loop import NAN_AT_STEP_ENV, load_checkpoint, predict, restore_model, train
+from mixq.train.checkpoint import load_checkpoint, restore_model
+from mixq.train.loop import predict
+from mixq.train_command import train
 from mixq import data, models
 
 from conftest import CIFAR, needs_cifar
 TORCHRUN = Path(sys.executable).parent / "torchrun"
-
-
-def mixq_train(*args, **popen):
-    return [sys.executable, "-m", "mixq.cli", "train", *map(str, args)]
-
-
-def cli_error(argv, capsys) -> str:
-    """Run the CLI in-process; it must fail with exit 2 and exactly one line on stderr."""
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err
-
-
-def run_error(argv, capsys) -> str:
-    """A failure during training: exit 2, the progress bars, then one error line, no traceback."""
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err
-    last = err.rstrip("\n").split("\n")[-1]
-    assert "Traceback" not in err and last.startswith("mixq train: error: "), err
-    return last
 
 
 def history(run: Path) -> list:
@@ -108,7 +87,7 @@ def comparable(run: Path):
     return m, [{k: v for k, v in row.items() if k != "seconds"} for row in history(run)]
 
 
-def test_killed_run_resumes_to_identical_metrics(tmp_path):
+def test_killed_run_resumes_to_identical_metrics(tmp_path, mixq_train):
     ref, run = tmp_path / "ref", tmp_path / "run"
     subprocess.run(mixq_train(*SHORT, "--out", ref), check=True, capture_output=True)
     proc = subprocess.Popen(mixq_train(*SHORT, "--out", run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -131,55 +110,55 @@ def test_killed_run_resumes_to_identical_metrics(tmp_path):
 
 
 # ----------------------------------------------------------------------------- failures
-def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+def test_nan_loss_stops_with_one_line_and_keeps_the_last_good_checkpoint(tmp_path, capsys, nan_loss_at, run_error):
     run = tmp_path / "run"
-    monkeypatch.setenv(NAN_AT_STEP_ENV, "6")               # in the second epoch (4 steps of 64 per epoch)
-    err = run_error(["train", "--epochs", "3", "--train-subset", "300", "--out", str(run)], capsys)
+    nan_loss_at(6)                                          # in the second epoch (4 steps of 64 per epoch)
+    err = run_error(["train", "--epochs", "3", "--train-subset", "300", "--out", str(run)])
     assert "loss is nan at epoch 1 step 2" in err and "last good checkpoint kept" in err and str(run) in err
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not (run / "metrics.json").exists()
     # a NaN before any checkpoint says so
-    monkeypatch.setenv(NAN_AT_STEP_ENV, "0")
-    err = run_error(["train", "--epochs", "1", "--train-subset", "300", "--out", str(tmp_path / "r2")], capsys)
+    nan_loss_at(0)
+    err = run_error(["train", "--epochs", "1", "--train-subset", "300", "--out", str(tmp_path / "r2")])
     assert "no checkpoint was written yet" in err
 
 
-def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys):
+def test_bad_input_is_one_line_naming_the_culprit(tmp_path, capsys, cli_error):
     out = str(tmp_path / "run")
-    assert "unknown model 'resnet7'" in cli_error(["train", "--model", "resnet7", "--out", out], capsys)
-    assert "unknown dataset 'mnist'" in cli_error(["train", "--dataset", "mnist", "--out", out], capsys)
-    assert "--method" in cli_error(["train", "--method", "nosuch", "--out", out], capsys)
-    err = cli_error(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "missing"), "--out", out], capsys)
+    assert "unknown model 'resnet7'" in cli_error(["train", "--model", "resnet7", "--out", out])
+    assert "unknown dataset 'mnist'" in cli_error(["train", "--dataset", "mnist", "--out", out])
+    assert "--method" in cli_error(["train", "--method", "nosuch", "--out", out])
+    err = cli_error(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "missing"), "--out", out])
     assert "missing" in err and "no such file" in err
     for bits in ("0", "-1", "8.5"):
-        assert f"--target-bits {float(bits)}" in cli_error(["train", "--target-bits", bits, "--out", out], capsys)
-    assert "--act-bits" in cli_error(["train", "--act-bits", "1", "--out", out], capsys)
-    assert "--weight-bits" in cli_error(["train", "--method", "ste-uniform", "--weight-bits", "1", "--out", out], capsys)
+        assert f"--target-bits {float(bits)}" in cli_error(["train", "--target-bits", bits, "--out", out])
+    assert "--act-bits" in cli_error(["train", "--act-bits", "1", "--out", out])
+    assert "--weight-bits" in cli_error(["train", "--method", "ste-uniform", "--weight-bits", "1", "--out", out])
     # --resume: nothing there, corrupt, foreign, not resumable, another configuration
-    assert "nothing to resume" in cli_error(["train", "--resume", "--out", out], capsys)
+    assert "nothing to resume" in cli_error(["train", "--resume", "--out", out])
     run = tmp_path / "run"
     run.mkdir()
     (run / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
-    assert "not a readable mixq checkpoint" in cli_error(["train", "--resume", "--out", out], capsys)
+    assert "not a readable mixq checkpoint" in cli_error(["train", "--resume", "--out", out])
     torch.save({"state_dict": {"w": torch.zeros(2)}}, run / "checkpoint.pt")
-    assert "not a mixq checkpoint" in cli_error(["train", "--resume", "--out", out], capsys)
+    assert "not a mixq checkpoint" in cli_error(["train", "--resume", "--out", out])
     torch.save({"model": {}, "config": TrainConfig().to_dict(), "epoch": 0}, run / "checkpoint.pt")
-    assert "not resumable" in cli_error(["train", "--resume", "--out", out], capsys)
+    assert "not resumable" in cli_error(["train", "--resume", "--out", out])
     bogus = {"model": {}, "config": {**TrainConfig().to_dict(), "colour": "red"}, "epoch": 0,
              "optimizers": {}, "schedulers": {}, "history": []}
     torch.save(bogus, run / "checkpoint.pt")
-    assert "not a mixq config" in cli_error(["train", "--resume", "--out", out], capsys)
+    assert "not a mixq config" in cli_error(["train", "--resume", "--out", out])
     bogus["config"] = {**TrainConfig().to_dict(), "lr": 0.5}
     torch.save(bogus, run / "checkpoint.pt")
-    assert "different configuration" in cli_error(["train", "--resume", "--out", out], capsys)
+    assert "different configuration" in cli_error(["train", "--resume", "--out", out])
     bogus["config"] = TrainConfig().to_dict()                      # right config, wrong weights
     torch.save(bogus, run / "checkpoint.pt")
-    assert "does not match its model config" in cli_error(["train", "--resume", "--out", out], capsys)
+    assert "does not match its model config" in cli_error(["train", "--resume", "--out", out])
 
 
 # ----------------------------------------------------------------------------- recipes, csq-uniform, amp
-def test_paper_recipe_sets_the_papers_settings_and_explicit_options_win(tmp_path, capsys):
+def test_paper_recipe_sets_the_papers_settings_and_explicit_options_win(tmp_path, capsys, cli_error):
     from mixq.train.config import recipe_defaults
     from mixq.train.loop import make_optimizers
     r20 = recipe_defaults("paper", "resnet20", "cifar10")
@@ -202,7 +181,7 @@ def test_paper_recipe_sets_the_papers_settings_and_explicit_options_win(tmp_path
     assert sum(p.numel() for p in opts["sgd"].param_groups[0]["params"]) == sum(p.numel() for p in model.parameters())
     m = json.loads((run / "metrics.json").read_text())
     assert m["recipe"] == "paper" and m["paper_comp"] == pytest.approx(32 / m["avg_bits"])
-    assert "--recipe" in cli_error(["train", "--recipe", "nosuch", "--out", str(tmp_path / "r2")], capsys)
+    assert "--recipe" in cli_error(["train", "--recipe", "nosuch", "--out", str(tmp_path / "r2")])
 
 
 def test_csq_uniform_trains_and_freezes_at_fixed_bits(tmp_path):
@@ -218,8 +197,8 @@ def test_csq_uniform_trains_and_freezes_at_fixed_bits(tmp_path):
 
 
 def test_bf16_autocast_trains_with_fp32_csq_weights(tmp_path):
-    from mixq.train import quant
-    layer = quant.CSQConv2d.from_float(torch.nn.Conv2d(3, 4, 3), 2.0, 0.2, 3)
+    from mixq.train.methods import csq
+    layer = csq.CSQConv2d.from_float(torch.nn.Conv2d(3, 4, 3), 2.0, 0.2, 3)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.csq_weight().dtype == torch.float32
         assert layer(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
@@ -266,10 +245,10 @@ class Relu6CNN(torch.nn.Module):
         return self.fc(torch.flatten(x, 1))
 
 
-def test_activations_surgery_cannot_quantize_are_refused_before_training(tmp_path, capsys, monkeypatch):
+def test_activations_surgery_cannot_quantize_are_refused_before_training(tmp_path, capsys, monkeypatch, cli_error):
     monkeypatch.setitem(models.MODELS, "relu6-cnn", Relu6CNN)
     run = tmp_path / "run"
-    err = cli_error(["train", "--model", "relu6-cnn", "--epochs", "1", "--train-subset", "100", "--out", str(run)], capsys)
+    err = cli_error(["train", "--model", "relu6-cnn", "--epochs", "1", "--train-subset", "100", "--out", str(run)])
     assert "'net.act1' (ReLU6)" in err and "'net' (F.relu)" in err and "--act-bits 8" in err
     assert not run.exists()
     # float activations (--act-bits 32) are what the user asked for: that run trains
@@ -307,7 +286,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 # ----------------------------------------------------------------------------- CIFAR-10
 @needs_cifar
 @pytest.mark.slow
-def test_resnet20_on_cifar10_trains_end_to_end(tmp_path):
+def test_resnet20_on_cifar10_trains_end_to_end(tmp_path, mixq_train):
     """3 short epochs on 2048 images: the whole path works (data cache, augmentation, CSQ on
     22 layers, finetune, integer simulation); the network only starts to learn."""
     # (--finetune-epochs 1 keeps the paper's optional ImageNet finetune phase covered)
@@ -327,7 +306,7 @@ def test_resnet20_on_cifar10_trains_end_to_end(tmp_path):
 
 
 # ----------------------------------------------------------------------------- float starting points
-def test_init_from_starts_csq_at_the_given_float_weights(tmp_path, capsys):
+def test_init_from_starts_csq_at_the_given_float_weights(tmp_path, capsys, cli_error):
     from mixq.train import quant
     from mixq.train.config import build
     src = tmp_path / "ste"
@@ -342,16 +321,16 @@ def test_init_from_starts_csq_at_the_given_float_weights(tmp_path, capsys):
     assert torch.equal(model.state_dict()[bn], ckpt["model"][bn])
     # bad starting points: one line naming the file and what is wrong
     out = str(tmp_path / "r")
-    assert "no such file" in cli_error(["train", "--init-from", str(tmp_path / "nope.pt"), "--out", out], capsys)
+    assert "no such file" in cli_error(["train", "--init-from", str(tmp_path / "nope.pt"), "--out", out])
     csq = tmp_path / "csq"
     train(TrainConfig(epochs=2, train_subset=300), str(csq))
-    assert "no float weight for layer" in cli_error(["train", "--init-from", str(csq / "checkpoint.pt"), "--out", out], capsys)
+    assert "no float weight for layer" in cli_error(["train", "--init-from", str(csq / "checkpoint.pt"), "--out", out])
     torch.save({"model": {}, "config": {"model": "resnet20"}, "epoch": 0}, tmp_path / "other.pt")
     assert "a checkpoint of model 'resnet20', not 'digits-cnn'" in cli_error(
-        ["train", "--init-from", str(tmp_path / "other.pt"), "--out", out], capsys)
+        ["train", "--init-from", str(tmp_path / "other.pt"), "--out", out])
     torch.save({"net.0.weight": torch.zeros(3)}, tmp_path / "foreign.pt")
-    assert "no float weight for layer" in cli_error(["train", "--init-from", str(tmp_path / "foreign.pt"), "--out", out], capsys)
-    assert "--warmup-epochs" in cli_error(["train", "--method", "clado", "--warmup-epochs", "2", "--out", out], capsys)
+    assert "no float weight for layer" in cli_error(["train", "--init-from", str(tmp_path / "foreign.pt"), "--out", out])
+    assert "--warmup-epochs" in cli_error(["train", "--method", "clado", "--warmup-epochs", "2", "--out", out])
 
 
 def test_warmup_trains_8bit_weights_first_and_is_reused(tmp_path):
