@@ -38,6 +38,7 @@ import time
 import zipfile
 from pathlib import Path
 
+from mixq import fsio
 from mixq.errors import MixqError
 
 DEFAULT_PORT = 9091
@@ -286,9 +287,7 @@ def setup(root: Path | None = None, log=_say) -> Path:
             manifest = {"want": expected_manifest(), "python": pyver,
                         "debs": [p.name for p in debs], "wheels": [p.name for p in wheels]}
             (tmp / "MANIFEST.json").write_text(json.dumps(manifest, indent=1) + "\n")
-            if board.exists():
-                shutil.rmtree(board)
-            tmp.rename(board)
+            fsio.replace_dir(tmp, board)            # an outdated board goes only once this one is in place
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log(f"board ready in {time.time() - t0:.0f} s: {board}")

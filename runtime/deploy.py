@@ -5,7 +5,9 @@ connects to the board (or a local RPC server it starts), refuses a library built
 architecture, quantizes the test split exactly as the golden interpreter does
 (`graph.quantize_input`), runs the library in batches, compares every output integer with
 `graph.run_batched` on the frozen copy, measures latency at batch 1 with `time_evaluator`
-on the board, and writes BUILD_DIR/report.json.
+on the board, and writes BUILD_DIR/report.json, with what the training run measured as the
+frozen copy's manifest records it (meta.training): deploy reads nothing but BUILD_DIR (and
+--metrics when given).
 """
 from __future__ import annotations
 

@@ -103,6 +103,31 @@ def copy_build(digits, tmp_path) -> Path:
     return build
 
 
+def test_training_figures_come_from_the_build_itself(digits, tmp_path):
+    """A build moved away from its run still reports the run's figures (the frozen manifest
+    carries them); a frozen model without that record (made before freeze kept it) says n/a."""
+    run, _ = digits
+    metrics = json.loads((run / "metrics.json").read_text())
+    build = copy_build(digits, tmp_path)
+    report = D.deploy(build, images=20, repeat=2, progress=False, log=quiet)
+    assert report["metrics_file"] == str(build / "frozen" / "manifest.json")
+    assert (report["trained_accuracy"], report["trained_int_accuracy"], report["trained_test_images"]) == \
+        (metrics["accuracy"], metrics["int_accuracy"], metrics["test_images"])
+    assert (report["trained_method"], report["trained_target_bits"], report["trained_avg_bits"]) == \
+        (metrics["method"], metrics["target_bits"], metrics["avg_bits"])
+    manifest = build / "frozen" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    del m["meta"]["training"]
+    manifest.write_text(json.dumps(m, indent=1, sort_keys=True) + "\n")
+    record = json.loads((build / "deploy.json").read_text())
+    record["frozen_manifest_sha256"] = G.manifest_sha256(build / "frozen")
+    (build / "deploy.json").write_text(json.dumps(record, indent=1) + "\n")
+    lines = []
+    report = D.deploy(build, images=20, repeat=2, progress=False, log=lines.append)
+    assert report["bit_exact"] and report["trained_accuracy"] is None and report["metrics_file"] is None
+    assert "trained n/a" in lines[0]
+
+
 def test_frozen_manifest_hash_mismatch_is_refused(digits, tmp_path, mixq):
     build = copy_build(digits, tmp_path)
     manifest = build / "frozen" / "manifest.json"

@@ -68,6 +68,22 @@ def test_digits_integer_accuracy_tracks_fake_quant(trained_digits, capsys):
     assert agreement >= 99.0
 
 
+def test_the_manifest_records_the_training_run(trained_digits, tmp_path):
+    """meta.training: what deploy reports of the run, from the finished run's checkpoint; a
+    checkpoint without those metrics (an older mixq's, or a run stopped early) gives what it holds."""
+    from mixq.train.checkpoint import TRAINING_FACTS
+    m = trained_digits["metrics"]
+    assert G.load(trained_digits["frozen"]).meta["training"] == {k: m.get(k) for k in TRAINING_FACTS}
+    ckpt = torch.load(trained_digits["run"] / "checkpoint.pt", weights_only=True)
+    del ckpt["metrics"]
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert cli.main(["freeze", str(tmp_path / "old.pt"), "--out", str(tmp_path / "frozen")]) == 0
+    facts = G.load(tmp_path / "frozen").meta["training"]
+    assert {k: facts[k] for k in ("method", "target_bits", "avg_bits", "storage_bits", "accuracy", "relaxed_accuracy", "epochs")} == \
+        {k: m[k] for k in ("method", "target_bits", "avg_bits", "storage_bits", "accuracy", "relaxed_accuracy", "epochs")}
+    assert facts["int_accuracy"] is None
+
+
 def test_freeze_is_deterministic_and_bytes_track_bits(trained_digits, tmp_path):
     assert cli.main(["freeze", str(trained_digits["run"] / "checkpoint.pt"), "--out", str(tmp_path / "again")]) == 0
     first = sorted(p.relative_to(trained_digits["frozen"]) for p in trained_digits["frozen"].rglob("*"))

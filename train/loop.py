@@ -38,7 +38,6 @@ from mixq.train.methods.base import bit_summary
 CHECK_EVERY = 50        # steps between host reads of the non-finite-loss flag
 
 
-
 # ----------------------------------------------------------------------------- plumbing
 @dataclass
 class Proc:

@@ -129,7 +129,6 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}"
 
 
-
 # ----------------------------------------------------------------------------- shared by methods
 def best_clip(w: torch.Tensor, bits: int) -> torch.Tensor:
     """The clip c minimizing ||w - Q(w)||^2 for Q: round |w|/c to `bits` magnitude bits,
@@ -149,9 +148,6 @@ def best_clip(w: torch.Tensor, bits: int) -> torch.Tensor:
         if best_err is None or err < best_err:
             best, best_err = c, err
     return best
-
-
-
 
 
 def quant_layers(model: nn.Module):

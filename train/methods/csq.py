@@ -45,8 +45,6 @@ def _signed_digits(v: torch.Tensor) -> torch.Tensor:
     return bits.to(torch.int8) * torch.sign(v).unsqueeze(0).to(torch.int8)
 
 
-
-
 class _CSQWeight(torch.autograd.Function):
     """The relaxed CSQ weight and its exact gradient.
 
