@@ -286,6 +286,17 @@ def test_ste_uniform_trains_fixed_precision(tmp_path):
     assert len(history(tmp_path / "run")) == 6
 
 
+def test_history_rows_can_evaluate_a_probe_of_the_test_set(tmp_path, monkeypatch):
+    """--history-test-images N: epochs before the last evaluate the first N test images (a long
+    run's per-epoch rows stay cheap); the last epoch, and so metrics.json, all of them."""
+    from mixq.train import loop
+    seen, real = [], loop.accuracy
+    monkeypatch.setattr(loop, "accuracy", lambda model, loader, device: seen.append(len(loader.dataset)) or real(model, loader, device))
+    m = train(TrainConfig(method="csq", epochs=3, history_test_images=25), str(tmp_path / "run"))
+    assert seen == [25, 25, 25, 25, 360, 360], seen          # hardened + relaxed per epoch
+    assert m["test_images"] == 360 and float(history(tmp_path / "run")[-1]["accuracy"]) == m["accuracy"]
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_torchrun_two_processes_on_cpu(tmp_path):
     run = tmp_path / "run"

@@ -54,6 +54,9 @@ def add_arguments(p):
     p.add_argument("--seed", type=int)
     p.add_argument("--train-subset", type=int, help="train on N random images (quick runs)")
     p.add_argument("--test-subset", type=int, help="evaluate on N test images")
+    p.add_argument("--history-test-images", type=int,
+                   help="history.csv rows before the last epoch evaluate on the first N test images "
+                        "(a long run's per-epoch evaluation is then cheap); the last epoch and metrics.json use all")
     p.add_argument("--out", required=True, default=None, help="run directory")
     p.add_argument("--resume", action="store_true", default=False, help="continue from RUN_DIR/checkpoint.pt")
 

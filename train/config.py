@@ -53,6 +53,7 @@ class TrainConfig:
     device: str = "auto"
     train_subset: int | None = None
     test_subset: int | None = None
+    history_test_images: int | None = None   # per-epoch history rows: the first N test images (last epoch: all)
     compile: bool = False           # torch.compile the model for training
     amp: str = "off"                # "bf16": autocast convolutions to bfloat16 (CSQ weights stay fp32)
     num_classes: int = 10
@@ -125,6 +126,8 @@ class TrainConfig:
         if self.warmup_epochs < 0 or (self.warmup_epochs and self.method not in ("csq", "bsq")):
             raise ValueError(f"--warmup-epochs {self.warmup_epochs}: must be >= 0, and is for csq and bsq "
                              "(clado warms up by itself, ste-uniform trains its weights directly)")
+        if self.history_test_images is not None and self.history_test_images < 1:
+            raise ValueError(f"--history-test-images {self.history_test_images}: must be >= 1")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")

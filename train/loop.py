@@ -244,6 +244,10 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if proc.world > 1 else model
     train_loader, reseed = make_train_loader(spec, cfg, proc)
     test_loader = torch.utils.data.DataLoader(spec.test, 512, num_workers=spec.workers)
+    probe_loader = test_loader      # the per-epoch rows before the last: all test images, or the first N
+    if cfg.history_test_images and cfg.history_test_images < len(spec.test):
+        probe = torch.utils.data.Subset(spec.test, range(cfg.history_test_images))
+        probe_loader = torch.utils.data.DataLoader(probe, 512, num_workers=spec.workers)
     steps = len(train_loader)
     opts = make_optimizers(model, cfg)
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps, cfg)) for k, o in opts.items()}
@@ -287,7 +291,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False) -> dict:
             sums += torch.stack([loss.detach(), reg.detach().float()])
         if proc.main:
             loss_sum, reg_sum = sums.tolist()
-            row = epoch_report(model, method, test_loader, proc.device, epoch, steps, loss_sum, reg_sum,
+            row = epoch_report(model, method, test_loader if epoch == cfg.epochs - 1 else probe_loader, proc.device, epoch, steps, loss_sum, reg_sum,
                                time.time() - t0, opts["sgd"])
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.1f}", bits=f"{row['avg_precision']:.2f}")
