@@ -48,6 +48,8 @@ def add_arguments(p):
     p.add_argument("--batch-size", type=int, help="per process under torchrun")
     p.add_argument("--lambda", dest="lam", type=float, help="csq: budget regularizer strength; bsq: group-Lasso strength")
     p.add_argument("--beta-max", type=float, help="CSQ: final gate temperature")
+    p.add_argument("--bit-beta-max", type=float,
+                   help="CSQ: final temperature of the bit gates m_p, m_n on the same curve (default: --beta-max)")
     p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     p.add_argument("--amp", help="off | bf16: autocast convolutions (CSQ weights stay fp32)")

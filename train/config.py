@@ -39,6 +39,7 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lam: float = 0.01
     beta_max: float = 200.0
+    bit_beta_max: float | None = 20.0    # CSQ: the bit gates' final temperature (None: beta_max, one beta)
     beta_saturate: float = 1.0      # CSQ: beta reaches beta_max at this fraction of the search
     mask_hard_at: float = 0.8       # CSQ: the mask is an exact step from this fraction of the search
     csq_init: str = "full"          # CSQ: "full" (all 8 bits, then prune) or "budget" (start at the target)
@@ -111,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"--amp {self.amp}: must be off or bf16")
         if self.bit_logit_bound < 0:
             raise ValueError(f"--bit-logit-bound {self.bit_logit_bound}: must be >= 0 (0: unbounded)")
+        if self.bit_beta_max is not None and not self.bit_beta_max >= 1:
+            raise ValueError(f"--bit-beta-max {self.bit_beta_max}: must be >= 1")
         if not 0 < self.beta_saturate <= 1:
             raise ValueError(f"--beta-saturate {self.beta_saturate}: must be in (0, 1]")
         if not 0 <= self.mask_hard_at <= 1:
@@ -149,10 +152,10 @@ def build(cfg: TrainConfig, init_weights: str | None = None):
         fixed = shortcut_layers(net) if cfg.fixed_shortcuts else ()
         method = CSQ(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam, cfg.beta_max,
                      cfg.init_logit, cfg.mask_init, cfg.min_layer_bits, cfg.csq_init, cfg.beta_saturate,
-                     cfg.mask_hard_at, fixed, cfg.bit_logit_bound)
+                     cfg.mask_hard_at, fixed, cfg.bit_logit_bound, cfg.bit_beta_max)
     elif cfg.method == "csq-uniform":
         method = CSQUniform(cfg.act_bits, cfg.weight_bits, cfg.epochs, cfg.beta_max, cfg.init_logit,
-                            cfg.beta_saturate, cfg.bit_logit_bound)
+                            cfg.beta_saturate, cfg.bit_logit_bound, cfg.bit_beta_max)
     elif cfg.method == "bsq":
         method = BSQ(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam)
     elif cfg.method == "clado":
@@ -190,7 +193,7 @@ def recipe_defaults(recipe: str, model: str, dataset: str) -> dict:
         "batch_size": 256, "lam": 0.01, "beta_max": 200.0, "beta_saturate": 1.0, "mask_hard_at": 1.0,
         "csq_init": "full", "mask_init": 0.0, "init_logit": 1.0,  # all 8 bits, every gate at 1/2
         "min_layer_bits": 0, "fixed_shortcuts": True, "warmup_epochs": 0, "init_from": None,
-        "bit_logit_bound": 0.0,                                   # no box on the logits
+        "bit_logit_bound": 0.0, "bit_beta_max": None,             # no box on the logits, one beta
     }
 
 

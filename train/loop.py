@@ -459,7 +459,7 @@ def epoch_report(model, method, test_loader, device, epoch, steps, loss_sum, reg
     return {"epoch": epoch, "loss": loss_sum / steps, "regularizer": reg_sum / steps,
             "accuracy": hard, "relaxed_accuracy": relaxed,
             **(method.undecided() if method.relaxes else {"undecided_bits": None, "undecided_masks": None}),
-            "beta": getattr(method, "beta", None), "lr": sgd.param_groups[0]["lr"],
+            "beta": getattr(method, "beta", None), "bit_beta": getattr(method, "bit_beta", None), "lr": sgd.param_groups[0]["lr"],
             "avg_precision": sum(r["precision"] for r in counted) / len(counted),
             "avg_precision_weighted": sum(r["params"] * r["precision"] for r in counted) / params,
             "seconds": round(seconds, 3), **{f"prec:{r['name']}": r["precision"] for r in layers}}

@@ -104,7 +104,9 @@ class CSQ(Method):
     step, so beta grows smoothly per step; with saturate = 1 and sampled at whole epochs it is
     the paper's curve (beta_max reached at the last search epoch). One beta tensor is shared by
     every layer and filled once per step. The optional finetune phase (the paper's ImageNet
-    recipe) freezes the mask, rewinds beta to 1 and anneals it again.
+    recipe) freezes the mask, rewinds beta to 1 and anneals it again. `bit_beta_max` (mixq's
+    default 20; None: the paper's one beta) gives the bit gates their own temperature, see
+    bit_schedule.
 
     Convergence (the search must end with the hardened network equal to the relaxed one):
     `mask_hard_at` < 1 turns the mask into exact unit steps for the last part of the search,
@@ -134,8 +136,9 @@ class CSQ(Method):
                  lam: float = 0.01, beta_max: float = 200.0, init_logit: float = 2.0,
                  mask_init: float = 0.2, min_layer_bits: int = 1, init: str = "budget",
                  beta_saturate: float = 1.0, mask_hard_at: float = 1.0, fixed_layers=(),
-                 bit_logit_bound: float = 0.0):
+                 bit_logit_bound: float = 0.0, bit_beta_max: float | None = None):
         super().__init__(act_bits)
+        self.bit_beta_max = bit_beta_max
         self.bit_logit_bound = bit_logit_bound
         self.min_layer_bits = min_layer_bits
         self.target, self.epochs, self.finetune_epochs = target_bits, epochs, finetune_epochs
@@ -145,6 +148,8 @@ class CSQ(Method):
         self.fixed_layers = tuple(fixed_layers)
         self.beta, self.mask_frozen = 1.0, False
         self._beta = None           # the one beta tensor every layer's `beta` buffer points to
+        self._bit_beta = None       # --bit-beta-max: the one bit-gate temperature tensor (layer.bit_beta)
+        self.bit_beta = 1.0
 
     def prepare(self, model):
         # swap_layers converts Conv2d/Linear in named_modules order: the same order as here
@@ -174,13 +179,34 @@ class CSQ(Method):
     def all_layers(self):
         return self._all
 
-    def schedule(self, epoch: float) -> tuple[float, bool]:
-        """(beta, mask hard) at a fractional epoch."""
+    def schedule(self, epoch: float, beta_max: float | None = None) -> tuple[float, bool]:
+        """(beta, mask hard) at a fractional epoch; beta_max: another final temperature on the
+        same curve (the bit gates' with --bit-beta-max)."""
+        beta_max = self.beta_max if beta_max is None else beta_max
         if epoch >= self.epochs:                            # finetune: beta rewound, mask frozen
             t = (epoch - self.epochs) / max(self.finetune_epochs, 1)
-            return float(self.beta_max ** min(t, 1.0)), True
+            return float(beta_max ** min(t, 1.0)), True
         t = epoch / max(self.epochs * self.beta_saturate, 1e-9)
-        return float(self.beta_max ** min(t, 1.0)), epoch >= self.mask_hard_at * self.epochs
+        return float(beta_max ** min(t, 1.0)), epoch >= self.mask_hard_at * self.epochs
+
+    def bit_schedule(self, epoch: float) -> float:
+        """The bit gates' temperature. With --bit-beta-max B_b (mixq's default, 20): the same
+        curve to B_b while the mask is searched, then from where it is to beta_max at the end
+        of the search (geometrically over the phase with the mask final), so every gate ends
+        at the paper's beta_max. Why: beta_b * m_p is what decides whether a digit can still
+        learn; with |m| <= 2 (--bit-logit-bound) and beta -> 200, the digits are steps from
+        beta ~ 6 on, a third of the way into the search, and a short run stops learning there
+        (README, "Why the search converges"). The mask keeps the paper's curve: it must be
+        near a step when it becomes final. In the finetune phase (mask frozen, beta rewound)
+        the bits follow beta."""
+        if self.bit_beta_max is None or epoch >= self.epochs:
+            return self.schedule(epoch)[0]
+        h = self.mask_hard_at * self.epochs
+        if epoch < h or self.mask_hard_at >= 1:
+            return self.schedule(epoch, self.bit_beta_max)[0]
+        start = self.schedule(h, self.bit_beta_max)[0]
+        u = (epoch - h) / (self.epochs - h)
+        return float(start * (self.beta_max / start) ** u)
 
     def on_epoch(self, epoch: float):
         self.beta, hard = self.schedule(epoch)
@@ -189,7 +215,14 @@ class CSQ(Method):
             self._beta = layers[0].beta.new_tensor(self.beta)
             for layer in layers:
                 layer._buffers["beta"] = self._beta
+            if self.bit_beta_max is not None:
+                self._bit_beta = self._beta.new_tensor(1.0)
+                for layer in layers:
+                    layer.bit_beta = self._bit_beta
         self._beta.fill_(self.beta)
+        self.bit_beta = self.bit_schedule(epoch)
+        if self._bit_beta is not None:
+            self._bit_beta.fill_(self.bit_beta)
         if self.min_layer_bits and not self.mask_frozen:     # while the mask can move, and as it is frozen
             for layer in self.layers():
                 keep_min_bits(layer, self.min_layer_bits, max(self.mask_init, 0.2))
@@ -278,9 +311,10 @@ class CSQUniform(CSQ):
     name = "csq-uniform"
 
     def __init__(self, act_bits: int, weight_bits: int, epochs: int, beta_max: float = 200.0,
-                 init_logit: float = 2.0, beta_saturate: float = 1.0, bit_logit_bound: float = 0.0):
+                 init_logit: float = 2.0, beta_saturate: float = 1.0, bit_logit_bound: float = 0.0,
+                 bit_beta_max: float | None = None):
         super().__init__(act_bits, weight_bits - 1, epochs, 0, 0.0, beta_max, init_logit, 1.0, 0,
-                         "budget", beta_saturate, 0.0, (), bit_logit_bound)
+                         "budget", beta_saturate, 0.0, (), bit_logit_bound, bit_beta_max)
 
     def regularizer(self):
         return torch.zeros((), device=self.layers()[0].scale.device)

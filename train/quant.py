@@ -184,20 +184,20 @@ class _CSQWeight(torch.autograd.Function):
     their difference): a CSQ step stays close to a float step in time and memory."""
 
     @staticmethod
-    def forward(ctx, pos_logits, neg_logits, mask_logits, scale, beta):
-        pos = torch.sigmoid(beta * pos_logits)
-        neg = torch.sigmoid(beta * neg_logits)
+    def forward(ctx, pos_logits, neg_logits, mask_logits, scale, beta, bit_beta):
+        pos = torch.sigmoid(bit_beta * pos_logits)
+        neg = torch.sigmoid(bit_beta * neg_logits)
         gate = torch.sigmoid(beta * mask_logits)
-        ctx.save_for_backward(pos, neg, gate, scale, beta)
+        ctx.save_for_backward(pos, neg, gate, scale, beta, bit_beta)
         plane_weight = scale / (2 ** N_BITS - 1) * _bit_values(gate) * gate      # [8]
         return torch.tensordot(plane_weight, pos, dims=1) - torch.tensordot(plane_weight, neg, dims=1)
 
     @staticmethod
     def backward(ctx, grad_w):
-        pos, neg, gate, scale, beta = ctx.saved_tensors
-        need_pos, need_neg, need_mask, need_scale, _ = ctx.needs_input_grad
+        pos, neg, gate, scale, beta, bit_beta = ctx.saved_tensors
+        need_pos, need_neg, need_mask, need_scale, _, _ = ctx.needs_input_grad
         unit = scale / (2 ** N_BITS - 1) * _bit_values(gate)                    # s/(2^n-1) * 2^b
-        grad_digits = grad_w.unsqueeze(0) * _planes(unit * gate * beta, grad_w.ndim)
+        grad_digits = grad_w.unsqueeze(0) * _planes(unit * gate * bit_beta, grad_w.ndim)
         sigmoid_backward = torch.ops.aten.sigmoid_backward                     # grad * sig * (1 - sig)
         grad_pos = sigmoid_backward(grad_digits, pos) if need_pos else None
         grad_neg = sigmoid_backward(grad_digits, neg).neg_() if need_neg else None
@@ -207,13 +207,14 @@ class _CSQWeight(torch.autograd.Function):
             grad_plane = pos.reshape(N_BITS, -1) @ flat - neg.reshape(N_BITS, -1) @ flat   # dL/d(plane b's weight)
             grad_mask = grad_plane * unit * beta * gate * (1 - gate)
             grad_scale = ((grad_plane * _bit_values(gate) * gate).sum() / (2 ** N_BITS - 1)).reshape(scale.shape)
-        return grad_pos, grad_neg, grad_mask, grad_scale, None
+        return grad_pos, grad_neg, grad_mask, grad_scale, None, None
 
 
-def csq_formula(pos_logits, neg_logits, mask_logits, scale, beta):
+def csq_formula(pos_logits, neg_logits, mask_logits, scale, beta, bit_beta=None):
     """The CSQ weight written out plainly, differentiated by autograd: the reference the fused
     _CSQWeight is tested against."""
-    bits = torch.sigmoid(beta * pos_logits) - torch.sigmoid(beta * neg_logits)
+    bit_beta = beta if bit_beta is None else bit_beta
+    bits = torch.sigmoid(bit_beta * pos_logits) - torch.sigmoid(bit_beta * neg_logits)
     coef = _bit_values(bits) * torch.sigmoid(beta * mask_logits)
     return scale / (2 ** N_BITS - 1) * torch.tensordot(coef, bits, dims=1)
 
@@ -265,6 +266,7 @@ class CSQMixin:
         self.scale = nn.Parameter(fit.clamp_min(1e-8).reshape(()).float())
         self.register_buffer("beta", torch.tensor(1.0, device=w.device))
         self.register_buffer("mask_frozen", torch.tensor(False, device=w.device))
+        self.bit_beta = None      # bit-gate temperature when it differs from beta (not saved: set every step)
         self.frozen = False       # mirrors the mask_frozen buffer without a device sync per step
         self.hard = False
 
@@ -291,8 +293,14 @@ class CSQMixin:
         if self.frozen:
             # finetune: the mask is a fixed unit step, the bit logits keep their sigmoids
             frozen = torch.where(self.kept_mask(), 1e4, -1e4)      # sig(beta * +-1e4) == 1 / 0 exactly
-            return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, frozen, self.scale, self.beta)
-        return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, self.bit_mask_logits, self.scale, self.beta)
+            return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, frozen, self.scale, self.beta, self.bit_temperature())
+        return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, self.bit_mask_logits, self.scale, self.beta,
+                                self.bit_temperature())
+
+    def bit_temperature(self) -> torch.Tensor:
+        """The temperature of the bit gates sig(beta_b * m_p), sig(beta_b * m_n): beta itself
+        (the paper), or the tensor CSQ.on_epoch points `bit_beta` to (--bit-beta-max)."""
+        return self.beta if self.bit_beta is None else self.bit_beta
 
     def hard_weight(self) -> torch.Tensor:
         """beta -> inf: every gate a unit step. Equals scale * q of integer_weight() exactly."""
@@ -315,9 +323,9 @@ class CSQMixin:
         sigmoid is still between 0.047 and 0.953, so hardening it would move the weight. Bit
         logits count only in the planes the mask keeps (the others are gated off in the
         hardened weight); a frozen mask counts as decided."""
-        beta = self.beta
+        beta, bit_beta = self.beta, self.bit_temperature()
         kept = _planes(self.kept_mask(), self.bit_logits_pos.ndim - 1)
-        open_bits = lambda m: ((beta * m).abs() < UNDECIDED) & kept
+        open_bits = lambda m: ((bit_beta * m).abs() < UNDECIDED) & kept
         bits = (open_bits(self.bit_logits_pos).sum() + open_bits(self.bit_logits_neg).sum()).float()
         n_bits = 2.0 * kept.sum() * self.bit_logits_pos[0].numel()
         if self.frozen:
