@@ -223,8 +223,10 @@ def test_bf16_autocast_trains_with_fp32_csq_weights(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.csq_weight().dtype == torch.float32
         assert layer(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
-    m = train(TrainConfig(epochs=10, train_subset=800, amp="bf16"), str(tmp_path / "run"))
-    assert m["accuracy"] > 85 and abs(m["avg_bits"] - 3) <= 0.2, m      # fp32 here: 96.7%
+    # all 1,437 digits: 10 epochs on 800 (130 steps) are chaotic, 11-95 % by seed and thread count
+    # in eager fp32 alike; on all of them eager fp32 gives 92-98 % (seeds 0-2), bf16 97.8 %
+    m = train(TrainConfig(epochs=10, amp="bf16"), str(tmp_path / "run"))
+    assert m["accuracy"] > 85 and abs(m["avg_bits"] - 3) <= 0.2, m
 
 
 def test_resident_batches_cover_the_data_once_per_epoch_in_a_seeded_order():
@@ -246,8 +248,8 @@ def test_resident_batches_cover_the_data_once_per_epoch_in_a_seeded_order():
 
 @pytest.mark.slow
 def test_torch_compile_trains(tmp_path):
-    m = train(TrainConfig(epochs=10, train_subset=800, compile=True), str(tmp_path / "run"))
-    assert m["epochs"] == 10 and m["accuracy"] > 85, m              # eager: 96.7% (the bf16 test)
+    m = train(TrainConfig(epochs=10, compile=True), str(tmp_path / "run"))      # all digits: see the bf16 test
+    assert m["epochs"] == 10 and m["accuracy"] > 85, m              # compiled: 97.8 %, eager 98.1 %
 
 
 class Relu6CNN(torch.nn.Module):
