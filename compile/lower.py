@@ -54,13 +54,6 @@ class LoweringContext:
     values: dict = field(default_factory=dict)   # tensor name -> relax.Expr
     chosen: dict = field(default_factory=dict)   # op name -> name of the lowering used
 
-    def has_feature(self, feature: str) -> bool:
-        """CPU feature of the target, e.g. "avx512vnni", "avx2", "neon", "dotprod"."""
-        from tvm.target import codegen
-        if self.target.kind.name != "llvm":
-            return False
-        return bool(codegen.target_has_features(feature, self.target))
-
     def tensor(self, name: str) -> G.TensorInfo:
         return self.graph.tensors[name]
 

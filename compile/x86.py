@@ -65,13 +65,6 @@ def _vnni_16x4_impl(
 TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _vnni_16x4_impl, override=True)
 
 
-def fix_wheel_vnni_intrinsic():
-    """Re-register the wheel's `dot_16x4_vnni` (used by MetaSchedule's default x86 rules,
-    not by mixq) with the working implementation, for code that tunes with those rules."""
-    import tvm.s_tir.tensor_intrin.x86  # noqa: F401  (registers the broken one first)
-    TensorIntrin.register("dot_16x4_vnni", _dot_16x4_desc, _vnni_16x4_impl, override=True)
-
-
 def _has(target, feature: str) -> bool:
     return target.kind.name == "llvm" and bool(codegen.target_has_features(feature, target))
 
