@@ -42,7 +42,7 @@ def compile_and_run(graph: G.IntGraph, target, inputs: list[np.ndarray], strateg
     from tvm import relax
 
     from mixq.compile import build
-    ex, info = build.build_library(graph, target, strategy)
+    ex, info = build.build_library(graph, target, strategy, log=lambda line: None)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return [vm["main"](tvm.runtime.tensor(x)).numpy() for x in inputs], info
 
@@ -55,35 +55,42 @@ def elf_machine(path) -> int:
 
 # ----------------------------------------------------------------------------- lowering table
 def test_every_op_kind_has_a_default_lowering():
-    from mixq.compile import lower
-    assert set(lower.LOWERINGS) == set(G.OP_KINDS)
-    for kind, entries in lower.LOWERINGS.items():
-        assert "default" in [e.name for e in entries], kind
+    from mixq.compile import lower, registry
+    assert lower.LOWERINGS is registry.LOWERINGS
+    assert {kind for kind, strategy in registry.LOWERINGS if strategy == "default"} == set(G.OP_KINDS)
+    assert {kind for kind, strategy in registry.LOWERINGS if strategy == "packed"} == set(G.OP_KINDS)
 
 
-def test_a_registered_lowering_is_tried_first_and_may_decline(host_target):
+@pytest.fixture
+def registry_snapshot():
+    """Lowerings a test registers are gone after it."""
+    from mixq.compile import registry
+    saved = dict(registry.LOWERINGS)
+    yield registry
+    registry.LOWERINGS.clear()
+    registry.LOWERINGS.update(saved)
+
+
+def test_a_registered_lowering_is_tried_first_and_may_decline(host_target, registry_snapshot):
     from mixq.compile import lower
+    register, Unsupported = registry_snapshot.register, registry_snapshot.Unsupported
     g = graphgen.random_graph(1)
     last = g.ops[-1]
-    saved = list(lower.LOWERINGS[last.kind])
-    default_fn = saved[-1].fn
+    default_fn = registry_snapshot.LOWERINGS[(last.kind, "default")].fn
     seen = []
 
     def declines(ctx, op, inputs):
         seen.append((op.name, ctx.target, len(inputs), ctx.bounds[op.inputs[0]]))
-        raise lower.Unsupported("not on this target")
+        raise Unsupported("not on this target")
 
-    try:
-        lower.register(last.kind, "declines", first=True)(declines)
-        _, chosen = lower.lower_graph(g, host_target)
-        assert chosen[last.name] == "default"
-        name, target, n_inputs, bound = seen[-1]
-        assert name == last.name and target is host_target and n_inputs == len(last.inputs) and bound > 0
-        lower.register(last.kind, "takes", first=True)(default_fn)
-        _, chosen = lower.lower_graph(g, host_target)
-        assert chosen[last.name] == "takes"
-    finally:
-        lower.LOWERINGS[last.kind] = saved
+    register(last.kind, "declines")(declines)
+    lowered = lower.lower_graph(g, host_target, "declines")
+    assert lowered.chosen[last.name] == "default"
+    assert lowered.fallbacks[last.name] == "not on this target"
+    name, target, n_inputs, bound = seen[-1]
+    assert name == last.name and target is host_target and n_inputs == len(last.inputs) and bound > 0
+    register(last.kind, "takes")(default_fn)
+    assert lower.lower_graph(g, host_target, "takes").chosen[last.name] == "takes"
 
 
 # ----------------------------------------------------------------------------- bit-exactness
