@@ -93,6 +93,46 @@ def test_a_registered_lowering_is_tried_first_and_may_decline(host_target, regis
     assert lower.lower_graph(g, host_target, "takes").chosen[last.name] == "takes"
 
 
+# The README's "Adding an op", done the documented way: one lowering function, one registry
+# line. This one computes the residual add with Relax's own elementwise operators instead of
+# a TE kernel (TVM legalizes them when it builds the library).
+def lower_add_with_relax_ops(ctx, op, inputs):
+    from tvm import relax
+
+    from mixq.compile.default import per_channel
+    shape = ctx.tensor(op.inputs[0]).shape
+    channel = (1, shape[0]) + (1,) * (len(shape) - 1)          # broadcasts over N, H, W
+
+    def const(values, dtype="int64"):
+        return relax.const(per_channel(values, shape[0], np.int64).reshape(channel), dtype)
+    total = None
+    for i, x in enumerate(inputs):
+        m, s = op.arrays[f"multiplier{i}"], op.arrays[f"shift{i}"]
+        rounding = np.left_shift(np.int64(1), per_channel(s, shape[0], np.int64) - 1)
+        term = relax.op.right_shift(relax.op.add(relax.op.multiply(relax.op.astype(x, "int64"), const(m)),
+                                                 const(rounding)), const(s))
+        total = term if total is None else relax.op.add(total, term)
+    hi = relax.const(np.int64((1 << op.attrs["out_bits"]) - 1), "int64")
+    clipped = relax.op.minimum(relax.op.maximum(total, relax.const(np.int64(0), "int64")), hi)
+    return ctx.bb.emit(relax.op.astype(clipped, "uint8"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_op_lowering_added_the_documented_way_is_used_and_bit_exact(seed, host_target, registry_snapshot):
+    registry_snapshot.register("add", "relax-ops")(lower_add_with_relax_ops)
+    g = graphgen.random_graph(seed)
+    adds = [op.name for op in g.ops if op.kind == "add"]
+    assert adds
+    inputs = [graphgen.random_input(g, 1, seed), graphgen.random_input(g, 6, seed + 1)]
+    outs, info = compile_and_run(g, host_target, inputs, strategy="relax-ops")
+    assert info["strategy"] == "relax-ops"
+    assert {name: info["lowerings"][name] for name in adds} == {name: "relax-ops" for name in adds}
+    assert {s for name, s in info["lowerings"].items() if name not in adds} == {"default"}
+    for x, got in zip(inputs, outs):
+        want = G.run(g, x)
+        assert got.dtype == want.dtype and np.array_equal(got, want), f"seed {seed}, batch {len(x)}"
+
+
 # ----------------------------------------------------------------------------- bit-exactness
 def test_fuzz_seeds_cover_every_op_kind_and_both_residual_shapes():
     graphs = [graphgen.random_graph(s) for s in FUZZ_SEEDS]
@@ -113,6 +153,30 @@ def test_random_graph_is_bit_exact(seed, host_target):
         want = G.run(g, x)
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, batch {len(x)}")
+
+
+@pytest.mark.parametrize("seed", FUZZ_SEEDS)
+def test_random_graph_on_the_fast_path_is_bit_exact(seed, host_target):
+    """`--strategy auto`: the packed fast path for every op it takes (when the host has one),
+    the default lowering for the others (grouped convs, pools of the network input, per-channel
+    avgpool multipliers...), layouts converted between them."""
+    g = graphgen.random_graph(seed)
+    inputs = [graphgen.random_input(g, 1, seed), graphgen.random_input(g, 9, seed + 1000)]
+    outs, info = compile_and_run(g, host_target, inputs, strategy="auto")
+    for x, got in zip(inputs, outs):
+        want = G.run(g, x)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, batch {len(x)}, {info['strategy']}")
+    if info["strategy"] != "default":
+        assert set(info.get("fallbacks", {})) == {op for op, s in info["lowerings"].items() if s == "default"}
+
+
+def test_fuzz_seeds_mix_fast_path_and_default_ops(host_target):
+    from mixq.compile import lower
+    if lower.isa_for(host_target) is None:
+        pytest.skip("the host CPU has no packed fast path")
+    strategies = [set(lower.lower_graph(graphgen.random_graph(s), host_target).chosen.values()) for s in FUZZ_SEEDS]
+    assert {"packed"} in strategies and {"packed", "default"} in strategies
 
 
 def _graph(input_t: G.TensorInfo, ops: list, out: str, tensors: list) -> G.IntGraph:

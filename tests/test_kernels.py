@@ -50,12 +50,12 @@ class Builder:
     def _add_tensor(self, name, shape, dtype, bits):
         self.tensors[name] = G.TensorInfo(name, tuple(shape), dtype, bits, 1.0)
 
-    def conv(self, src, cout, k=3, stride=1, padding=1, wbits=8, out_bits=8, raw=False, kind="conv2d"):
+    def conv(self, src, cout, k=3, stride=1, padding=1, wbits=8, out_bits=8, raw=False, kind="conv2d", groups=1):
         name = f"{kind}{len(self.ops)}"
         t = self.tensors[src]
         cin = t.shape[0]
         wmax = (1 << (wbits - 1)) - 1
-        wshape = (cout, cin, k, k) if kind == "conv2d" else (cout, cin)
+        wshape = (cout, cin // groups, k, k) if kind == "conv2d" else (cout, cin)
         w = self.rng.integers(-wmax, wmax + 1, wshape)
         w[self.rng.random(wshape) < 0.3] = 0
         w[0].flat[0] = wmax                         # reach the storage range's edge
@@ -65,7 +65,7 @@ class Builder:
                   "bias": self.rng.integers(-int(typical), int(typical) + 1, cout).astype(np.int32)}
         attrs = {"storage_bits": wbits}
         if kind == "conv2d":
-            attrs.update(stride=stride, padding=padding, groups=1)
+            attrs.update(stride=stride, padding=padding, groups=groups)
             h = (t.shape[1] + 2 * padding - k) // stride + 1
             shape = (cout, h, (t.shape[2] + 2 * padding - k) // stride + 1)
         else:
@@ -109,7 +109,7 @@ class Builder:
         else:
             bits = self.tensors[src].bits
         self.ops.append(G.Op(name, kind, [src], name, attrs, arrays))
-        self._add_tensor(name, shape, "uint8", bits)
+        self._add_tensor(name, shape, "uint8" if kind == "avgpool" else self.tensors[src].dtype, bits)
         self.max[name] = self.max[src]
         return name
 
@@ -266,6 +266,55 @@ def test_unsupported_graphs_are_refused_with_a_reason():
     assert info["lowerings"][g.ops[0].name] == "packed"
     with pytest.raises(Unsupported, match="AVX"):
         x86.isa_for(tvm.target.Target({"kind": "llvm", "mcpu": "core2"}))
+
+
+# ----------------------------------------------------------------------------- mixed programs
+def mixed_residual(seed=21):
+    """Fast-path ops around ops only the default lowering takes, so tensors change layout
+    both ways inside the network: a maxpool of the signed input (int8, packed with the input's
+    offset for the next conv), a grouped conv between packed convs, a residual add fused into
+    a packed conv whose other branch comes from the default lowering, a packed add of a raw
+    int32 tensor from the default lowering."""
+    b = Builder((3, 10, 10), seed)
+    m = b.pool("input", "maxpool", 2, 1)                 # default: pool of the network input
+    x = b.conv(m, 16, wbits=5)                           # packed, on an int8 NCHW tensor packed here
+    d = b.conv(x, 16, wbits=4, groups=4)                 # default: grouped
+    y = b.conv(d, 16, wbits=3, raw=True)                 # packed raw conv, computes the add ...
+    r = b.add(y, d)                                      # ... whose other branch is d, packed
+    z = b.conv(r, 16, wbits=6, groups=2, raw=True)       # default: grouped, raw int32
+    s = b.add(z, r)                                      # packed AddKernel of a packed int32 tensor
+    p = b.pool(s, "avgpool", 3, 3)
+    return b.graph(b.linear(b.flatten(p), 10, wbits=6, raw=True)), {
+        m: "default", x: "packed", d: "default", y: "packed", r: "packed", z: "default", s: "packed"}
+
+
+def offset_pools(seed=22):
+    """Average pools of an int8 tensor that the default lowering made (stored with offset 128 on
+    x86): a 7-bit output fits the storage, an 8-bit one does not and takes the default kernel."""
+    b = Builder((16, 6, 6), seed)
+    m = b.pool("input", "maxpool", 3, 1, padding=1)
+    a7 = b.pool(m, "avgpool", 2, 2, out_bits=7)
+    a8 = b.pool(m, "avgpool", 2, 2, out_bits=8)
+    s = b.add(b.conv(a7, 16, raw=True), b.conv(a8, 16, raw=True))
+    return b.graph(b.linear(b.flatten(s), 10, wbits=8, raw=True)), {m: "default", a7: "packed", a8: "default"}
+
+
+@needs_vnni
+@pytest.mark.parametrize("make_graph", [mixed_residual, offset_pools])
+@pytest.mark.parametrize("batch", [None, 2])
+def test_mixed_fast_and_default_program_is_bit_exact(make_graph, batch):
+    g, expected = make_graph()
+    G.validate(g)
+    ex, info = compile_fast(g, batch, VNNI_TARGET)
+    assert info["strategy"] == "x86-vnni" and info["batch"] == batch
+    lowered = {op.output: info["lowerings"][op.name] for op in g.ops}
+    assert {name: lowered[name] for name in expected} == expected
+    assert set(info["fallbacks"]) == {op.name for op in g.ops if lowered[op.output] == "default"}
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    for n in ((1, 5) if batch is None else (batch,)):
+        x = random_input(g, n, seed=n)
+        got, want = vm["main"](tvm.runtime.tensor(x)).numpy(), G.run(g, x)
+        assert got.dtype == want.dtype and np.array_equal(got, want), n
 
 
 # ----------------------------------------------------------------------------- aarch64
