@@ -17,9 +17,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import graphgen  # noqa: E402
+import importgraph  # noqa: E402
 
 from mixq import graph as G  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 ELF_MACHINE_AARCH64 = 0xB7
 ELF_MACHINE_X86_64 = 0x3E
 FUZZ_SEEDS = list(range(8))
@@ -131,6 +133,36 @@ def test_an_op_lowering_added_the_documented_way_is_used_and_bit_exact(seed, hos
     for x, got in zip(inputs, outs):
         want = G.run(g, x)
         assert got.dtype == want.dtype and np.array_equal(got, want), f"seed {seed}, batch {len(x)}"
+
+
+# ----------------------------------------------------------------------------- imports
+def test_compile_modules_import_no_cycle_and_nothing_from_runtime():
+    """Counting imports inside functions: compile/ is a DAG and the stage before runtime/."""
+    graph = importgraph.import_graph(ROOT)
+    modules = {m for m in graph if m.startswith("mixq.compile.") or m == "mixq.compile"}
+    assert {"mixq.compile.registry", "mixq.compile.lower", "mixq.compile.packed", "mixq.compile.kernels",
+            "mixq.compile.build"} <= modules
+    assert "mixq.compile.packed" in graph["mixq.compile.lower"]        # edges are found at all
+    assert "mixq.compile.tune" in graph["mixq.compile.build"]          # ... also inside functions
+    assert importgraph.find_cycle(graph, modules) is None, importgraph.find_cycle(graph, modules)
+    assert not importgraph.imports_from(graph, modules, "mixq.runtime")
+
+
+def test_import_graph_helper_sees_function_level_and_relative_imports(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.setuptools.package-dir]\nmixq = "mixq"\n"mixq.compile" = "compile"\n')
+    (tmp_path / "mixq").mkdir()
+    (tmp_path / "compile").mkdir()
+    (tmp_path / "mixq" / "__init__.py").write_text("")
+    (tmp_path / "compile" / "__init__.py").write_text("")
+    (tmp_path / "compile" / "a.py").write_text("from . import b\nimport mixq\n")
+    (tmp_path / "compile" / "b.py").write_text("def f():\n    from mixq.compile.c import g\n")
+    (tmp_path / "compile" / "c.py").write_text("if True:\n    from .a import x\n")
+    graph = importgraph.import_graph(tmp_path)
+    assert graph["mixq.compile.a"] == {"mixq.compile.b", "mixq"}
+    assert graph["mixq.compile.b"] == {"mixq.compile.c"} and graph["mixq.compile.c"] == {"mixq.compile.a"}
+    cycle = importgraph.find_cycle(graph, [m for m in graph if m.startswith("mixq.compile")])
+    assert cycle == ["mixq.compile.a", "mixq.compile.b", "mixq.compile.c", "mixq.compile.a"]
+    assert importgraph.imports_from(graph, ["mixq.compile.a"], "mixq.compile") == {("mixq.compile.a", "mixq.compile.b")}
 
 
 # ----------------------------------------------------------------------------- bit-exactness
