@@ -12,11 +12,13 @@ For a kernel with one reduction (conv, dense, pooling) over an NCHW output:
     epilogue           bias + int64 requantization + clip computed per output row, right
                        after the row's accumulators (while they are in cache)
 Elementwise kernels (residual add) are parallel over (n, c) and vectorized over the rest.
+
+`relax_pipeline()` is the Relax build every module goes through (compile/build.py).
 """
 from __future__ import annotations
 
 import tvm
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
 REDUCE = 2          # tirx.IterVar.CommReduce
@@ -107,3 +109,23 @@ def _vectorize_below(sch: Schedule, block, depth: int):
     loops = sch.get_loops(block)
     if len(loops) > depth and _extent(sch, loops[-1]) is not None:
         sch.vectorize(loops[-1])
+
+
+# ----------------------------------------------------------------------------- build pipeline
+@tvm.transform.module_pass(opt_level=0, name="MarkSingleBufferFuncsNoAlias")
+def mark_single_buffer_funcs_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Works around TVM 0.27's LLVM codegen letting the last PrimFunc of a module decide
+    whether *every* function is compiled with `tirx.noalias`: with a symbolic batch, Relax adds
+    a `shape_func` (no noalias, sorted after our kernels) and the kernels run ~4x slower
+    (measured). A function with one buffer parameter cannot alias, so marking it is exact."""
+    updated = {gv: f.with_attr("tirx.noalias", True) for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and not f.attrs.get("tirx.noalias", False)
+               and len(f.params) <= 1}
+    for gv, f in updated.items():
+        mod[gv] = f
+    return mod
+
+
+def relax_pipeline():
+    """Relax build without the fusion passes (every kernel is already scheduled)."""
+    return tvm.transform.Sequential([relax.get_pipeline("default_build"), mark_single_buffer_funcs_noalias])

@@ -17,8 +17,11 @@ import types
 from pathlib import Path
 
 import tvm
-from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
+from tvm.s_tir import Schedule
+from tvm.s_tir import meta_schedule as ms
+
+from mixq.compile.kernels import prim_func
 
 
 class TuneError(RuntimeError):
@@ -132,8 +135,6 @@ def _record_hand_schedules(kernels, target, database, builder, runner):
     """Measure each kernel's hand schedule and store it as a tuning record, so that the
     database's best record is never a sampled schedule slower than the default one (with few
     trials per kernel, random tiles often are)."""
-    from mixq.compile.packed import prim_func
-    from tvm.s_tir import Schedule
     schedules = []
     for kernel in kernels:
         sch = Schedule(tvm.IRModule({"main": prim_func(kernel)}))
@@ -158,13 +159,11 @@ def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progre
                  seed: int = 0) -> ms.database.JSONDatabase:
     """Tune `kernels` ({kernel: weight}) for `trials` measurements in total.
 
-    Kernels are mixq.compile.packed kernels: `tensors()` (the workload) and
+    Kernels are compile/kernels.py kernels: `tensors()` (the workload) and
     `design_space(sch)` (sketches with sampled decisions). `runner` is a MetaSchedule runner
     (default: local; pass an RPCRunner to measure on a board). MetaSchedule's own logs go to
     DIR/logs."""
     from tqdm import tqdm
-
-    from mixq.compile.packed import prim_func
 
     if trials < 1:
         raise TuneError(f"--tune {trials}: the number of trials must be >= 1")
