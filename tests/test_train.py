@@ -321,19 +321,21 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 @needs_cifar
 @pytest.mark.slow
 def test_resnet20_on_cifar10_trains_end_to_end(tmp_path):
-    """3 short epochs on 2048 images: the whole path works (data cache, augmentation, CSQ on
-    22 layers, finetune, integer simulation); the network only starts to learn."""
-    # (--finetune-epochs 1 keeps the paper's optional ImageNet finetune phase covered)
+    """6 short epochs on 2048 images: the whole path works (data cache, augmentation, CSQ on
+    22 layers, integer simulation) and the network learns. (3 epochs, or a 1-epoch finetune
+    after them, end at chance: the budget term prunes to ~1 bit in epoch 1 and the rest is too
+    short to recover; 6 epochs end at 33.8 and 36.0 % for seeds 0 and 1 here. The finetune
+    phase is covered on digits.)"""
     run = tmp_path / "run"
     r = subprocess.run(mixq_train("--model", "resnet20", "--dataset", "cifar10", "--data-dir", CIFAR,
-                                  "--train-subset", "2048", "--test-subset", "500", "--epochs", "3",
-                                  "--finetune-epochs", "1", "--batch-size", "128", "--out", run),
+                                  "--train-subset", "2048", "--test-subset", "500", "--epochs", "6",
+                                  "--batch-size", "128", "--out", run),
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["model"] == "resnet20" and len(m["layers"]) == 22 and m["test_images"] == 500
-    assert 3 - 1 / 22 - 1e-9 <= m["avg_bits"] <= 3 + 1e-9 and m["epochs"] == 3
-    assert 0 <= m["accuracy"] <= 100 and m["int_agreement"] > 90
+    assert 3 - 1 / 22 - 1e-9 <= m["avg_bits"] <= 3 + 1e-9 and m["epochs"] == 6
+    assert m["accuracy"] > 20 and m["int_agreement"] > 90, m          # chance is 10 %
     # the task loss (the logged loss includes the budget term, large while all 8 bits are kept)
     losses = [float(row["loss"]) - float(row["regularizer"]) for row in history(run)]
     assert losses[-1] < losses[0] < 3.0, losses
