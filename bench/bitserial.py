@@ -7,7 +7,7 @@ per word), scheduled parallel over output channels and vectorized over output co
 (AVX512-VPOPCNTDQ where the CPU has it). mixq's weights are signed (|w| <= 2^(k-1) - 1 at k
 storage bits), bit-serial planes are unsigned, so w = w_pos - w_neg and the layer is two
 bit-serial convs (k - 1 magnitude planes each) subtracted: exact. Compared with mixq's packed
-VNNI conv (mixq.compile.packed.ConvKernel, raw int32 output) on the same layer; both are
+VNNI conv (mixq.compile.kernels.ConvKernel, raw int32 output) on the same layer; both are
 checked against the golden integer convolution. Written by `make bench` into results.json.
 """
 from __future__ import annotations
@@ -54,8 +54,8 @@ def bitserial_func(n, c, o, size, act_bits, mag_bits):
 
 
 def packed_kernel(n, c, o, size):
-    from mixq.compile import packed, x86
-    return packed.ConvKernel(x86.VNNI, n, "uint8", c // 16, 16, size, size, o // 16, 3, 1, 1, 0, 1, "raw", 8)
+    from mixq.compile import kernels, x86
+    return kernels.ConvKernel(x86.VNNI, n, "uint8", c // 16, 16, size, size, o // 16, 3, 1, 1, 0, 1, "raw", 8)
 
 
 def median_us(lib, args, number):
@@ -68,7 +68,7 @@ def measure(threads: int) -> list[dict]:
     from tvm.s_tir import Schedule
 
     from mixq import graph as G
-    from mixq.compile import packed
+    from mixq.compile import kernels
     from tvm.target import codegen
     target = tvm.target.Target({"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": threads})
     rng = np.random.default_rng(0)
@@ -91,11 +91,11 @@ def measure(threads: int) -> list[dict]:
                 bs_us = median_us(lib, [*args, out], number=20)
                 # packed VNNI (raw int32 accumulators + zero bias)
                 k = packed_kernel(1, c, o, size)
-                sch = Schedule(tvm.IRModule({"main": packed.prim_func(k)}))
+                sch = Schedule(tvm.IRModule({"main": kernels.prim_func(k)}))
                 k.schedule(sch)
                 plib = tvm.compile(sch.mod, target)
                 xp = x.reshape(1, c // 16, 16, size, size).transpose(0, 1, 3, 4, 2).copy()
-                pargs = [tvm.runtime.tensor(a, dev) for a in (xp, packed.pack_conv_weight(w, 16), np.zeros((o // 16, 16), np.int32))]
+                pargs = [tvm.runtime.tensor(a, dev) for a in (xp, kernels.pack_conv_weight(w, 16), np.zeros((o // 16, 16), np.int32))]
                 pout = tvm.runtime.tensor(np.zeros((1, o // 16, size, size, 16), np.int32), dev)
                 plib(*pargs, pout)
                 p_exact = bool(np.array_equal(pout.numpy().transpose(0, 1, 4, 2, 3).reshape(want.shape), want))

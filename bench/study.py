@@ -40,8 +40,8 @@ RECIPES = [("csq", 3, None, "paper")]
 GRID = TABLE_IV + TABLE_V + PEERS + RECIPES
 CSQ3 = ("csq", 3, None, "mixq")
 # the order rows are trained in: the comparisons the study is about first, so that a partial
-# study already answers them
-FIRST = [CSQ3, ("ste-uniform", None, 4, "mixq"), ("bsq", 3, None, "mixq"), ("clado", 3, None, "mixq"),
+# study already answers them (CSQ's peers before CSQ T3 itself)
+FIRST = [("ste-uniform", None, 4, "mixq"), ("bsq", 3, None, "mixq"), ("clado", 3, None, "mixq"), CSQ3,
          ("csq-uniform", None, 4, "mixq"), ("csq", 2, None, "mixq"), ("csq", 4, None, "mixq")]
 RUN_ORDER = FIRST + [spec for spec in GRID if spec not in FIRST]
 # pairs whose order the study is about: a second seed for both when they are within a point
@@ -74,7 +74,9 @@ def run(cmd, log: Path, stop_on_failure: bool = True) -> int:
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(map(str, cmd))}\n")
         f.flush()
-        rc = subprocess.call([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        # progress bars redrawn once a minute: the log stays small
+        env = {**os.environ, "TQDM_MININTERVAL": "60"}
+        rc = subprocess.call([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if rc != 0 and stop_on_failure:
         sys.exit(f"study: `{' '.join(map(str, cmd[2:5]))} ...` failed (exit {rc}); see {log}")
     return rc
@@ -89,7 +91,7 @@ def do_row(spec, seed, args) -> dict:
         cmd = MIXQ + ["train", "--model", "resnet20", "--dataset", "cifar10", "--data-dir", args.data,
                       "--method", method, "--recipe", recipe, "--epochs", args.epochs,
                       "--act-bits", args.act_bits, "--train-subset", args.train_images, "--seed", seed,
-                      "--out", d]
+                      "--history-test-images", args.history_test_images, "--out", d]
         cmd += ["--target-bits", target] if target is not None else ["--weight-bits", wbits]
         if recipe == "mixq":            # the paper recipe keeps its own batch (256)
             cmd += ["--batch-size", args.batch_size]
@@ -221,6 +223,8 @@ def main():
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--train-images", type=int, default=20000)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--history-test-images", type=int, default=2000,
+                   help="per-epoch history rows on the first N test images (the final figures use all 10,000)")
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--data", default="../shared/data/cifar10-jpeg.tar.gz")
     # outside the work tree: a study spans sessions, and a new checkout must not lose its runs

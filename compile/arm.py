@@ -1,4 +1,5 @@
-"""aarch64 strategies for the packed fast path (mixq.compile.packed).
+"""aarch64 for the packed fast path: its instruction sets (compile/kernels.py's PackedISA), the
+sdot tensor intrinsic, and `isa_for(target)`, the choice from the target's CPU features.
 
 arm-sdot  NEON `sdot` (ARMv8.2 dotprod: Cortex-A55/A75/A76, Raspberry Pi 5, Jetson Orin...):
           s8 x s8 -> int32, 4 output x 4 input channels per instruction (TensorIR
@@ -17,17 +18,17 @@ from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from mixq.compile import packed
-from mixq.compile.packed import Strategy, Unsupported
+from mixq.compile.kernels import PackedISA
+from mixq.compile.registry import Unsupported
 
 # Our own registration: the wheel's `dot_4x4_i8i8s32_sdot` is the same, but importing it loads
 # every target's intrinsics (tvm.s_tir.tensor_intrin), CUDA's included: tens of seconds.
 SDOT_INTRIN = "mixq_dot_4x4_i8i8s32_sdot"
 
-SDOT = Strategy("arm-sdot", SDOT_INTRIN, lanes=4, act_dtype="int8", act_offset=-128,
-                input_offsets=(("int8", 0), ("uint8", -128)), accumulators=16)
-NEON = Strategy("arm-neon", None, lanes=16, act_dtype="uint8", act_offset=0,
-                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=4)
+SDOT = PackedISA("arm-sdot", SDOT_INTRIN, lanes=4, act_dtype="int8", act_offset=-128,
+                  input_offsets=(("int8", 0), ("uint8", -128)), accumulators=16)
+NEON = PackedISA("arm-neon", None, lanes=16, act_dtype="uint8", act_offset=0,
+                  input_offsets=(("int8", 128), ("uint8", 0)), accumulators=4)
 
 
 @T.prim_func(s_tir=True)
@@ -69,7 +70,8 @@ def is_aarch64(target) -> bool:
     return target.kind.name == "llvm" and str(target.attrs.get("mtriple", "")).startswith("aarch64")
 
 
-def strategy_for(target) -> Strategy:
+def isa_for(target) -> PackedISA:
+    """The aarch64 instructions the target's features (mattr) allow; Unsupported otherwise."""
     if not is_aarch64(target):
         raise Unsupported("not an aarch64 target")
     if codegen.target_has_features("dotprod", target):
@@ -78,20 +80,3 @@ def strategy_for(target) -> Strategy:
         return NEON
     raise Unsupported("aarch64 target without NEON")
 
-
-def lower_graph(graph, batch: int, target, database=None):
-    return packed.lower_graph(graph, batch, strategy_for(target), target, database)
-
-
-def build(graph, batch: int, target, database=None):
-    """(Relax executable, report) of the graph on the packed aarch64 kernels; export it with
-    a cross compiler (`ex.export_library(path, fcompile=tvm.contrib.cc.cross_compiler(...))`)."""
-    mod, report = lower_graph(graph, batch, target, database)
-    return packed.compile_module(mod, target), report
-
-
-def tune(graph, batch: int, target, trials: int, db_dir, runner, progress=True):
-    """MetaSchedule-tune on a board: `runner` is an RPCRunner to it (mixq.compile.tune)."""
-    from mixq.compile.tune import tune_kernels
-    kernels = packed.tunable_kernels(graph, batch, strategy_for(target), target)
-    return tune_kernels(kernels, target, trials, db_dir, runner=runner, progress=progress)

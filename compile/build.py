@@ -6,10 +6,10 @@
                             manifest's sha256, target and arch, input quantization, output,
                             entry function and batch, TVM version, compile seconds
 
-The library exports one Relax function, `main(x) -> output`. The default lowering gives it a
-symbolic batch dimension, so one library runs batch 1 (latency) and large batches (bit-exact
-check, accuracy); a whole-graph strategy may fix the batch instead (deploy.json "entry":
-{"batch": B}; the runtime then pads the last chunk).
+The library exports one Relax function, `main(x) -> output`, with a symbolic batch dimension,
+so one library runs batch 1 (latency) and large batches (bit-exact check, accuracy); `mixq
+compile --batch B` fixes the batch of a program the fast path takes part in instead
+(deploy.json "entry": {"batch": B}; the runtime then pads the last chunk).
 The build directory is written atomically (temp dir beside it, renamed into place: fsio.atomic_dir).
 """
 from __future__ import annotations
@@ -139,49 +139,73 @@ def sha256_file(path) -> str:
 
 
 # ----------------------------------------------------------------------------- compile
-# Whole-graph strategies, tried in order before the per-op lowering table (compile/lower.py):
-# `fn(graph, target, **options) -> (IRModule, info) | None`, None (or raising lower.Unsupported)
-# when the graph or target is outside the strategy; `options` are the fast-path options of
-# `mixq compile` (batch, tune_trials, tune_db, tune_board). The IRModule has `main(x)`; info may say
-# {"strategy": name, "batch": B} for a fixed batch B (default: a symbolic batch). Kernels
-# the strategy schedules itself carry the PrimFunc attribute "tirx.is_scheduled".
-def _packed_fast_path(graph: G.IntGraph, target, **options):
-    """The whole graph in packed NCHW16c on int8 dot products (compile/packed.py: x86
-    AVX512-VNNI/AVX2, aarch64 sdot/NEON), chosen from the target's CPU features."""
-    from mixq.compile import packed
-    return packed.lower_fast(graph, target, **options)
+def lower_module(graph: G.IntGraph, target, strategy: str = "auto", options: dict | None = None, log=print):
+    """(IRModule, info) for `graph` on `target`: each op lowered by the first strategy that
+    takes it (compile/lower.py: with "auto", the packed fast path where the target's CPU
+    features and the op allow it, else the default lowering; "default": the default lowering
+    only), the default kernels given the generic schedule (compile/schedule.py).
+
+    `options` are the fast path's options of `mixq compile` (batch, tune_trials, tune_db,
+    tune_board): batch None is a symbolic batch, an int fixes it; with tune_trials,
+    MetaSchedule first tunes the packed conv kernels (at `batch`, or 1) into `tune_db`, on
+    `tune_board` over RPC when given; records already in `tune_db` are used either way.
+    info: {"strategy": the packed ISA's name (e.g. "x86-vnni") or "default", "batch": the
+    fixed batch or None, "lowerings": {op: strategy}, ...}; what the fast path did is logged."""
+    from mixq.compile import kernels, lower, schedule, tune
+
+    o = {"batch": None, "tune_trials": 0, "tune_db": None, "tune_board": None, **(options or {})}
+    batch, tune_db = o["batch"], o["tune_db"]
+    if strategy == "auto" and lower.isa_for(target) is None:
+        log("fast path: the target has no int8 dot-product strategy (x86 AVX512-VNNI/AVX2, aarch64 "
+            "NEON); default lowering")
+        strategy = "default"
+    if strategy == "default":
+        lowered = lower.lower_graph(graph, target, "default")
+        return schedule.schedule_module(lowered.module, target), {"strategy": "default", "batch": None,
+                                                                  "lowerings": lowered.chosen}
+    preferred = lower.strategies_for(target, strategy)[0]
+    tuned_batch = batch or 1
+    info = {"strategy": None, "batch": batch}
+    if o["tune_trials"]:
+        if tune_db is None:
+            raise tune.TuneError("--tune needs --tune-db DIR (where the tuning records go)")
+        dry = lower.lower_graph(graph, target, strategy, batch=tuned_batch)
+        tunable = {k: n * k.macs for k, n in dry.uses.items() if kernels.is_tunable(k)}
+        if tunable:
+            runner = tune.board_runner(o["tune_board"]) if o["tune_board"] else None
+            t0 = time.time()
+            tune.tune_kernels(tunable, target, o["tune_trials"], tune_db, runner=runner)
+            info.update(tune_trials=o["tune_trials"], tune_seconds=round(time.time() - t0, 1))
+    database = tune.open_database(tune_db) if tune_db else None
+    lowered = lower.lower_graph(graph, target, strategy, batch=batch, database=database, tuned_batch=tuned_batch)
+    if preferred not in lowered.chosen.values():
+        # not one op took it: the program the default lowering alone gives (any batch)
+        reason = next(iter(lowered.fallbacks.values()), "no op")
+        log(f"fast path: not used ({reason}); default lowering" if preferred == "packed" else
+            f"strategy {preferred}: not used ({reason}); default lowering")
+        return lower_module(graph, target, "default", log=log)
+    name = lowered.isa.name if preferred == "packed" else preferred
+    if preferred == "packed":
+        declined = "; ".join(lowered.fallbacks.values())
+        log(f"fast path: used ({name})" + (f"; default lowering for {declined}" if declined else ""))
+    info.update(strategy=name, kernels=len(lowered.kernels), tuned_for_batch=tuned_batch if database else None,
+                tuned_kernels=sum(1 for h in lowered.schedules.values() if h == "tuned"),
+                tune_db=str(tune_db) if tune_db else None, lowerings=lowered.chosen)
+    if lowered.fallbacks:
+        info["fallbacks"] = lowered.fallbacks
+    return schedule.schedule_module(lowered.module, target), info
 
 
-GRAPH_STRATEGIES: list = [_packed_fast_path]
-
-
-def lower_module(graph: G.IntGraph, target, strategy: str = "auto", options: dict | None = None):
-    """(IRModule, info): the first whole-graph strategy that takes the graph, else the per-op
-    table with the generic schedule (`strategy="default"` skips the whole-graph ones)."""
-    from mixq.compile import lower, schedule
-    if strategy == "auto":
-        for fn in GRAPH_STRATEGIES:
-            try:
-                found = fn(graph, target, **(options or {}))
-            except lower.Unsupported:
-                found = None
-            if found is not None:
-                return found
-    mod, chosen = lower.lower_graph(graph, target)
-    return schedule.schedule_module(mod, target), {"strategy": "default", "batch": None,
-                                                   "lowerings": chosen}
-
-
-def build_library(graph: G.IntGraph, target, strategy: str = "auto", options: dict | None = None):
-    """(Relax executable, info) for `graph` on `target`."""
+def build_library(graph: G.IntGraph, target, strategy: str = "auto", options: dict | None = None, log=print):
+    """(Relax executable, info) for `graph` on `target` (see lower_module)."""
     import tvm
 
-    from mixq.compile.packed import relax_pipeline
+    from mixq.compile.schedule import relax_pipeline
 
-    mod, info = lower_module(graph, target, strategy, options)
+    mod, info = lower_module(graph, target, strategy, options, log)
     # "default_build": legalize and lower, no operator fusion; every kernel already carries
     # its own epilogue and its schedule. relax_pipeline() adds a workaround for a TVM codegen
-    # slowdown of every kernel when the batch is symbolic (see packed.py)
+    # slowdown of every kernel when the batch is symbolic (see compile/schedule.py)
     with target:
         ex = tvm.compile(mod, target, relax_pipeline=relax_pipeline())
     return ex, info
@@ -209,7 +233,7 @@ def compile_frozen(frozen_dir, target_spec: str, out_dir, strategy: str = "auto"
     manifest_hash = G.manifest_sha256(frozen_dir)
 
     t0 = time.time()
-    ex, info = build_library(graph, target, strategy, options)
+    ex, info = build_library(graph, target, strategy, options, log)
     with fsio.atomic_dir(out_dir, CompileError) as tmp:
         export(ex, tmp / LIBRARY, compiler)
         seconds = time.time() - t0

@@ -12,8 +12,8 @@ def add_arguments(p):
                         'JSON TVM target such as \'{"kind": "llvm", "mcpu": "skylake-avx512"}\'')
     p.add_argument("--out", required=True, help="build directory to write (model.so, deploy.json, frozen/)")
     p.add_argument("--strategy", choices=("auto", "default"), default="auto",
-                   help="auto: a registered whole-graph fast path when one takes the graph, else the "
-                        "per-op default lowering; default: always the per-op default lowering")
+                   help="auto: per op, the packed fast path where the target's CPU features and the op "
+                        "allow it, else the default lowering; default: always the default lowering")
     fast = p.add_argument_group("fast path (x86 AVX512-VNNI/AVX2, aarch64 NEON sdot; compile/packed.py)")
     fast.add_argument("--batch", type=int, default=None,
                       help="compile the fast-path program for this batch only (default: any batch; a "

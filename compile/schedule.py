@@ -12,11 +12,13 @@ For a kernel with one reduction (conv, dense, pooling) over an NCHW output:
     epilogue           bias + int64 requantization + clip computed per output row, right
                        after the row's accumulators (while they are in cache)
 Elementwise kernels (residual add) are parallel over (n, c) and vectorized over the rest.
+
+`relax_pipeline()` is the Relax build every module goes through (compile/build.py).
 """
 from __future__ import annotations
 
 import tvm
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.s_tir import Schedule
 
 REDUCE = 2          # tirx.IterVar.CommReduce
@@ -92,11 +94,7 @@ def _schedule_elementwise(sch: Schedule, block):
     loops = sch.get_loops(block)
     if len(loops) >= 3:
         sch.parallel(sch.fuse(loops[0], loops[1]))
-        inner = sch.fuse(*sch.get_loops(block)[1:])
-        extent = _extent(sch, inner)
-        lanes = next((v for v in (16, 8, 4) if extent and extent % v == 0), None)
-        if lanes:
-            sch.vectorize(sch.split(inner, [None, lanes])[1])
+        _vectorize_lanes(sch, sch.fuse(*sch.get_loops(block)[1:]), max_lanes=16)
     elif loops:
         sch.parallel(sch.fuse(*loops))
 
@@ -105,5 +103,46 @@ def _vectorize_below(sch: Schedule, block, depth: int):
     """Vectorize the block's innermost loop if it is its own (deeper than `depth` loops):
     a loop shared with the reduction must stay serial."""
     loops = sch.get_loops(block)
-    if len(loops) > depth and _extent(sch, loops[-1]) is not None:
-        sch.vectorize(loops[-1])
+    if len(loops) > depth:
+        _vectorize_lanes(sch, loops[-1])
+
+
+def _vectorize_lanes(sch: Schedule, loop, max_lanes: int | None = None):
+    """Vectorize `loop` in power-of-two lanes: the whole loop when its extent is a power of two
+    (at most max_lanes), else the inner part of a split by the largest power of two dividing
+    it (at most max_lanes, 16 when None), none when the extent is odd. Why: LLVM 22's aarch64
+    backend miscompiles a 3-lane vector of this requantization (measured on the emulated
+    board: an avgpool with 3-wide output rows was wrong in half its outputs; 5-, 6- and
+    7-wide rows were exact); power-of-two vectors are the ones every backend legalizes
+    natively. The rows of the zoo's nets (32, 16, 8, 4 wide) are vectorized as before."""
+    extent = _extent(sch, loop)
+    if not extent:
+        return
+    lanes = extent & -extent                        # the largest power of two dividing it
+    if lanes == extent and (max_lanes is None or extent <= max_lanes):
+        if extent > 1:
+            sch.vectorize(loop)
+        return
+    lanes = min(lanes, max_lanes or 16)
+    if lanes >= 2:
+        sch.vectorize(sch.split(loop, [None, lanes])[1])
+
+
+# ----------------------------------------------------------------------------- build pipeline
+@tvm.transform.module_pass(opt_level=0, name="MarkSingleBufferFuncsNoAlias")
+def mark_single_buffer_funcs_noalias(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+    """Works around TVM 0.27's LLVM codegen letting the last PrimFunc of a module decide
+    whether *every* function is compiled with `tirx.noalias`: with a symbolic batch, Relax adds
+    a `shape_func` (no noalias, sorted after our kernels) and the kernels run ~4x slower
+    (measured). A function with one buffer parameter cannot alias, so marking it is exact."""
+    updated = {gv: f.with_attr("tirx.noalias", True) for gv, f in mod.functions_items()
+               if isinstance(f, tirx.PrimFunc) and not f.attrs.get("tirx.noalias", False)
+               and len(f.params) <= 1}
+    for gv, f in updated.items():
+        mod[gv] = f
+    return mod
+
+
+def relax_pipeline():
+    """Relax build without the fusion passes (every kernel is already scheduled)."""
+    return tvm.transform.Sequential([relax.get_pipeline("default_build"), mark_single_buffer_funcs_noalias])

@@ -10,6 +10,7 @@ Kernels are keyed by their unscheduled PrimFunc, so identical layers share one t
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import sys
@@ -17,9 +18,11 @@ import types
 from pathlib import Path
 
 import tvm
-from tvm.s_tir import meta_schedule as ms
 from tvm.ir.utils import derived_object
+from tvm.s_tir import Schedule
+from tvm.s_tir import meta_schedule as ms
 
+from mixq.compile.kernels import prim_func
 from mixq.errors import MixqError
 
 
@@ -134,8 +137,6 @@ def _record_hand_schedules(kernels, target, database, builder, runner):
     """Measure each kernel's hand schedule and store it as a tuning record, so that the
     database's best record is never a sampled schedule slower than the default one (with few
     trials per kernel, random tiles often are)."""
-    from mixq.compile.packed import prim_func
-    from tvm.s_tir import Schedule
     schedules = []
     for kernel in kernels:
         sch = Schedule(tvm.IRModule({"main": prim_func(kernel)}))
@@ -156,17 +157,37 @@ def _record_hand_schedules(kernels, target, database, builder, runner):
             sch.trace, workload, [float(t) for t in result.run_secs], target, args_info))
 
 
+def _task_loggers(log_dir: Path, names: list[str]) -> list[logging.Logger]:
+    """One logger per tuning task writing to log_dir/NAME.log (what meta_schedule's
+    get_loggers_from_work_dir gives, without its logging.config.dictConfig: that call
+    reconfigures the whole process (it disables the caller's existing loggers) and fails
+    the second time in a process whose meta_schedule logger carries an unnamed handler,
+    as under pytest's log capture)."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    loggers = []
+    for name in names:
+        logger = logging.getLogger(f"mixq.tune.{name}")
+        for handler in list(logger.handlers):           # a logger of an earlier tuning run
+            logger.removeHandler(handler)
+            handler.close()
+        handler = logging.FileHandler(log_dir / f"{name}.log", mode="a")
+        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        logger.propagate = False
+        loggers.append(logger)
+    return loggers
+
+
 def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progress=True,
                  seed: int = 0) -> ms.database.JSONDatabase:
     """Tune `kernels` ({kernel: weight}) for `trials` measurements in total.
 
-    Kernels are mixq.compile.packed kernels: `tensors()` (the workload) and
+    Kernels are compile/kernels.py kernels: `tensors()` (the workload) and
     `design_space(sch)` (sketches with sampled decisions). `runner` is a MetaSchedule runner
     (default: local; pass an RPCRunner to measure on a board). MetaSchedule's own logs go to
     DIR/logs."""
     from tqdm import tqdm
-
-    from mixq.compile.packed import prim_func
 
     if trials < 1:
         raise TuneError(f"--tune {trials}: the number of trials must be >= 1")
@@ -183,7 +204,7 @@ def tune_kernels(kernels: dict, target, trials: int, db_dir, runner=None, progre
         population_size=32, init_measured_ratio=0.2, init_min_unmeasured=8, max_fail_count=8,
         genetic_num_iters=2, genetic_mutate_prob=0.85, genetic_max_fail_count=4, eps_greedy=0.1)
     tasks = []
-    loggers = ms.logging.get_loggers_from_work_dir(str(db_dir), names)
+    loggers = _task_loggers(db_dir / "logs", names)
     for (kernel, _), name, rand, logger in zip(todo, names, ms.utils.fork_seed(seed, n=len(todo)), loggers):
         space = ms.space_generator.ScheduleFn(kernel.design_space,
                                               sch_rules=[], postprocs=[], mutator_probs={

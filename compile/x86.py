@@ -1,4 +1,5 @@
-"""x86 strategies for the packed fast path (mixq.compile.packed).
+"""x86 for the packed fast path: its instruction sets (compile/kernels.py's PackedISA), the
+VNNI tensor intrinsic, and `isa_for(target)`, the choice from the target's CPU features.
 
 x86-vnni  AVX512-VNNI `vpdpbusd`: u8 x s8 -> int32, 16 output x 4 input channels per
           instruction (TensorIR intrinsic `mixq_dot_16x4_vnni`). Activations are uint8 as they
@@ -9,22 +10,21 @@ x86-avx2  the same loops without the intrinsic: LLVM vectorizes exact int32 mult
 """
 from __future__ import annotations
 
-import tvm
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 from tvm.target import codegen
 
-from mixq.compile import packed
-from mixq.compile.packed import Strategy, Unsupported  # noqa: F401  (re-exported)
+from mixq.compile.kernels import PackedISA
+from mixq.compile.registry import Unsupported
 
 # Our own name: importing tvm.s_tir.tensor_intrin (for the wheel's name) loads every target's
 # intrinsics, CUDA's included, which takes tens of seconds.
 VNNI_INTRIN = "mixq_dot_16x4_vnni"
 
-VNNI = Strategy("x86-vnni", VNNI_INTRIN, lanes=16, act_dtype="uint8", act_offset=0,
-                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=16)
-AVX2 = Strategy("x86-avx2", None, lanes=16, act_dtype="uint8", act_offset=0,
-                input_offsets=(("int8", 128), ("uint8", 0)), accumulators=8)
+VNNI = PackedISA("x86-vnni", VNNI_INTRIN, lanes=16, act_dtype="uint8", act_offset=0,
+                  input_offsets=(("int8", 128), ("uint8", 0)), accumulators=16)
+AVX2 = PackedISA("x86-avx2", None, lanes=16, act_dtype="uint8", act_offset=0,
+                  input_offsets=(("int8", 128), ("uint8", 0)), accumulators=8)
 
 
 @T.prim_func(s_tir=True)
@@ -65,13 +65,6 @@ def _vnni_16x4_impl(
 TensorIntrin.register(VNNI_INTRIN, _dot_16x4_desc, _vnni_16x4_impl, override=True)
 
 
-def fix_wheel_vnni_intrinsic():
-    """Re-register the wheel's `dot_16x4_vnni` (used by MetaSchedule's default x86 rules,
-    not by mixq) with the working implementation, for code that tunes with those rules."""
-    import tvm.s_tir.tensor_intrin.x86  # noqa: F401  (registers the broken one first)
-    TensorIntrin.register("dot_16x4_vnni", _dot_16x4_desc, _vnni_16x4_impl, override=True)
-
-
 def _has(target, feature: str) -> bool:
     return target.kind.name == "llvm" and bool(codegen.target_has_features(feature, target))
 
@@ -80,27 +73,11 @@ def has_vnni(target) -> bool:
     return _has(target, "avx512vnni")
 
 
-def strategy_for(target) -> Strategy:
-    """The x86 strategy the target's features (mcpu / mattr) allow; Unsupported otherwise."""
+def isa_for(target) -> PackedISA:
+    """The x86 instructions the target's features (mcpu / mattr) allow; Unsupported otherwise."""
     if has_vnni(target):
         return VNNI
     if _has(target, "avx2"):
         return AVX2
     raise Unsupported(f"target {target.attrs.get('mcpu', '')} has neither AVX512-VNNI nor AVX2")
 
-
-def lower_graph(graph, batch: int, target, database=None):
-    return packed.lower_graph(graph, batch, strategy_for(target), target, database)
-
-
-def build(graph, batch: int, target, database=None):
-    """(Relax executable, report) of the graph on the packed x86 kernels."""
-    mod, report = lower_graph(graph, batch, target, database)
-    return packed.compile_module(mod, target), report
-
-
-def tune(graph, batch: int, target, trials: int, db_dir, runner=None, progress=True):
-    """MetaSchedule-tune the graph's conv kernels into `db_dir` (see mixq.compile.tune)."""
-    from mixq.compile.tune import tune_kernels
-    kernels = packed.tunable_kernels(graph, batch, strategy_for(target), target)
-    return tune_kernels(kernels, target, trials, db_dir, runner=runner, progress=progress)

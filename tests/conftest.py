@@ -12,7 +12,7 @@ subprocess), `trained_digits` (the session's one default CSQ run on digits, froz
 zoo model with forced bits, calibrated and hardened for freezing).
 
 pytest puts this directory on sys.path (its default "prepend" import mode), so test modules
-import `conftest` and `graphgen` directly."""
+import `conftest`, `graphgen` and `importgraph` (the package's import graph) directly."""
 import importlib.util
 import itertools
 import json

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import importgraph
 from mixq import graph as G
 
+ROOT = Path(__file__).resolve().parents[1]
 ELF_MACHINE_AARCH64 = 0xB7
 ELF_MACHINE_X86_64 = 0x3E
 FUZZ_SEEDS = list(range(8))
@@ -32,7 +34,7 @@ def compile_and_run(graph: G.IntGraph, target, inputs: list[np.ndarray], strateg
     from tvm import relax
 
     from mixq.compile import build
-    ex, info = build.build_library(graph, target, strategy)
+    ex, info = build.build_library(graph, target, strategy, log=lambda line: None)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return [vm["main"](tvm.runtime.tensor(x)).numpy() for x in inputs], info
 
@@ -45,35 +47,112 @@ def elf_machine(path) -> int:
 
 # ----------------------------------------------------------------------------- lowering table
 def test_every_op_kind_has_a_default_lowering():
-    from mixq.compile import lower
-    assert set(lower.LOWERINGS) == set(G.OP_KINDS)
-    for kind, entries in lower.LOWERINGS.items():
-        assert "default" in [e.name for e in entries], kind
+    from mixq.compile import lower, registry
+    assert lower.LOWERINGS is registry.LOWERINGS
+    assert {kind for kind, strategy in registry.LOWERINGS if strategy == "default"} == set(G.OP_KINDS)
+    assert {kind for kind, strategy in registry.LOWERINGS if strategy == "packed"} == set(G.OP_KINDS)
 
 
-def test_a_registered_lowering_is_tried_first_and_may_decline(host_target, graphgen):
+@pytest.fixture
+def registry_snapshot():
+    """Lowerings a test registers are gone after it."""
+    from mixq.compile import registry
+    saved = dict(registry.LOWERINGS)
+    yield registry
+    registry.LOWERINGS.clear()
+    registry.LOWERINGS.update(saved)
+
+
+def test_a_registered_lowering_is_tried_first_and_may_decline(host_target, registry_snapshot, graphgen):
     from mixq.compile import lower
+    register, Unsupported = registry_snapshot.register, registry_snapshot.Unsupported
     g = graphgen.random_graph(1)
     last = g.ops[-1]
-    saved = list(lower.LOWERINGS[last.kind])
-    default_fn = saved[-1].fn
+    default_fn = registry_snapshot.LOWERINGS[(last.kind, "default")].fn
     seen = []
 
     def declines(ctx, op, inputs):
         seen.append((op.name, ctx.target, len(inputs), ctx.bounds[op.inputs[0]]))
-        raise lower.Unsupported("not on this target")
+        raise Unsupported("not on this target")
 
-    try:
-        lower.register(last.kind, "declines", first=True)(declines)
-        _, chosen = lower.lower_graph(g, host_target)
-        assert chosen[last.name] == "default"
-        name, target, n_inputs, bound = seen[-1]
-        assert name == last.name and target is host_target and n_inputs == len(last.inputs) and bound > 0
-        lower.register(last.kind, "takes", first=True)(default_fn)
-        _, chosen = lower.lower_graph(g, host_target)
-        assert chosen[last.name] == "takes"
-    finally:
-        lower.LOWERINGS[last.kind] = saved
+    register(last.kind, "declines")(declines)
+    lowered = lower.lower_graph(g, host_target, "declines")
+    assert lowered.chosen[last.name] == "default"
+    assert lowered.fallbacks[last.name] == "not on this target"
+    name, target, n_inputs, bound = seen[-1]
+    assert name == last.name and target is host_target and n_inputs == len(last.inputs) and bound > 0
+    register(last.kind, "takes")(default_fn)
+    assert lower.lower_graph(g, host_target, "takes").chosen[last.name] == "takes"
+
+
+# The README's "Adding an op", done the documented way: one lowering function, one registry
+# line. This one computes the residual add with Relax's own elementwise operators instead of
+# a TE kernel (TVM legalizes them when it builds the library).
+def lower_add_with_relax_ops(ctx, op, inputs):
+    from tvm import relax
+
+    from mixq.compile.default import per_channel
+    shape = ctx.tensor(op.inputs[0]).shape
+    channel = (1, shape[0]) + (1,) * (len(shape) - 1)          # broadcasts over N, H, W
+
+    def const(values, dtype="int64"):
+        return relax.const(per_channel(values, shape[0], np.int64).reshape(channel), dtype)
+    total = None
+    for i, x in enumerate(inputs):
+        m, s = op.arrays[f"multiplier{i}"], op.arrays[f"shift{i}"]
+        rounding = np.left_shift(np.int64(1), per_channel(s, shape[0], np.int64) - 1)
+        term = relax.op.right_shift(relax.op.add(relax.op.multiply(relax.op.astype(x, "int64"), const(m)),
+                                                 const(rounding)), const(s))
+        total = term if total is None else relax.op.add(total, term)
+    hi = relax.const(np.int64((1 << op.attrs["out_bits"]) - 1), "int64")
+    clipped = relax.op.minimum(relax.op.maximum(total, relax.const(np.int64(0), "int64")), hi)
+    return ctx.bb.emit(relax.op.astype(clipped, "uint8"))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_an_op_lowering_added_the_documented_way_is_used_and_bit_exact(seed, host_target, registry_snapshot, graphgen):
+    registry_snapshot.register("add", "relax-ops")(lower_add_with_relax_ops)
+    g = graphgen.random_graph(seed)
+    adds = [op.name for op in g.ops if op.kind == "add"]
+    assert adds
+    inputs = [graphgen.random_input(g, 1, seed), graphgen.random_input(g, 6, seed + 1)]
+    outs, info = compile_and_run(g, host_target, inputs, strategy="relax-ops")
+    assert info["strategy"] == "relax-ops"
+    assert {name: info["lowerings"][name] for name in adds} == {name: "relax-ops" for name in adds}
+    assert {s for name, s in info["lowerings"].items() if name not in adds} == {"default"}
+    for x, got in zip(inputs, outs):
+        want = G.run(g, x)
+        assert got.dtype == want.dtype and np.array_equal(got, want), f"seed {seed}, batch {len(x)}"
+
+
+# ----------------------------------------------------------------------------- imports
+def test_compile_modules_import_no_cycle_and_nothing_from_runtime():
+    """Counting imports inside functions: compile/ is a DAG and the stage before runtime/."""
+    graph = importgraph.import_graph(ROOT)
+    modules = {m for m in graph if m.startswith("mixq.compile.") or m == "mixq.compile"}
+    assert {"mixq.compile.registry", "mixq.compile.lower", "mixq.compile.packed", "mixq.compile.kernels",
+            "mixq.compile.build"} <= modules
+    assert "mixq.compile.packed" in graph["mixq.compile.lower"]        # edges are found at all
+    assert "mixq.compile.tune" in graph["mixq.compile.build"]          # ... also inside functions
+    assert importgraph.find_cycle(graph, modules) is None, importgraph.find_cycle(graph, modules)
+    assert not importgraph.imports_from(graph, modules, "mixq.runtime")
+
+
+def test_import_graph_helper_sees_function_level_and_relative_imports(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.setuptools.package-dir]\nmixq = "mixq"\n"mixq.compile" = "compile"\n')
+    (tmp_path / "mixq").mkdir()
+    (tmp_path / "compile").mkdir()
+    (tmp_path / "mixq" / "__init__.py").write_text("")
+    (tmp_path / "compile" / "__init__.py").write_text("")
+    (tmp_path / "compile" / "a.py").write_text("from . import b\nimport mixq\n")
+    (tmp_path / "compile" / "b.py").write_text("def f():\n    from mixq.compile.c import g\n")
+    (tmp_path / "compile" / "c.py").write_text("if True:\n    from .a import x\n")
+    graph = importgraph.import_graph(tmp_path)
+    assert graph["mixq.compile.a"] == {"mixq.compile.b", "mixq"}
+    assert graph["mixq.compile.b"] == {"mixq.compile.c"} and graph["mixq.compile.c"] == {"mixq.compile.a"}
+    cycle = importgraph.find_cycle(graph, [m for m in graph if m.startswith("mixq.compile")])
+    assert cycle == ["mixq.compile.a", "mixq.compile.b", "mixq.compile.c", "mixq.compile.a"]
+    assert importgraph.imports_from(graph, ["mixq.compile.a"], "mixq.compile") == {("mixq.compile.a", "mixq.compile.b")}
 
 
 # ----------------------------------------------------------------------------- bit-exactness
@@ -96,6 +175,30 @@ def test_random_graph_is_bit_exact(seed, host_target, graphgen):
         want = G.run(g, x)
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, batch {len(x)}")
+
+
+@pytest.mark.parametrize("seed", FUZZ_SEEDS)
+def test_random_graph_on_the_fast_path_is_bit_exact(seed, host_target, graphgen):
+    """`--strategy auto`: the packed fast path for every op it takes (when the host has one),
+    the default lowering for the others (grouped convs, pools of the network input, per-channel
+    avgpool multipliers...), layouts converted between them."""
+    g = graphgen.random_graph(seed)
+    inputs = [graphgen.random_input(g, 1, seed), graphgen.random_input(g, 9, seed + 1000)]
+    outs, info = compile_and_run(g, host_target, inputs, strategy="auto")
+    for x, got in zip(inputs, outs):
+        want = G.run(g, x)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, batch {len(x)}, {info['strategy']}")
+    if info["strategy"] != "default":
+        assert set(info.get("fallbacks", {})) == {op for op, s in info["lowerings"].items() if s == "default"}
+
+
+def test_fuzz_seeds_mix_fast_path_and_default_ops(host_target, graphgen):
+    from mixq.compile import lower
+    if lower.isa_for(host_target) is None:
+        pytest.skip("the host CPU has no packed fast path")
+    strategies = [set(lower.lower_graph(graphgen.random_graph(s), host_target).chosen.values()) for s in FUZZ_SEEDS]
+    assert {"packed"} in strategies and {"packed", "default"} in strategies
 
 
 def _graph(input_t: G.TensorInfo, ops: list, out: str, tensors: list) -> G.IntGraph:

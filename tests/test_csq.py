@@ -19,11 +19,12 @@ def logits(shape, seed=0, dtype=torch.float64):
     return [torch.randn(8, *shape, generator=g, dtype=dtype, requires_grad=True) for _ in range(2)]
 
 
-def by_hand(pos, neg, mask, s, beta):
-    """The paper's formula, one bit plane at a time."""
+def by_hand(pos, neg, mask, s, beta, bit_beta=None):
+    """The paper's formula, one bit plane at a time (bit_beta: the bit gates' own temperature)."""
+    bit_beta = beta if bit_beta is None else bit_beta
     w = 0
     for b in range(N):
-        digit = torch.sigmoid(beta * pos[b]) - torch.sigmoid(beta * neg[b])
+        digit = torch.sigmoid(bit_beta * pos[b]) - torch.sigmoid(bit_beta * neg[b])
         w = w + digit * 2 ** b * torch.sigmoid(beta * mask[b])
     return s / (2 ** N - 1) * w
 
@@ -40,20 +41,21 @@ def set_mask(layer, kept):
 
 
 # ----------------------------------------------------------------------------- the weight formula
-@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (5, 7)])
-def test_fused_weight_equals_the_formula_and_its_autograd_gradient(shape):
+@pytest.mark.parametrize("shape,bit_beta", [((4, 3, 3, 3), 2.5), ((5, 7), 2.5), ((5, 7), 0.8)])
+def test_fused_weight_equals_the_formula_and_its_autograd_gradient(shape, bit_beta):
     pos, neg = logits(shape)
     mask = torch.randn(8, dtype=torch.float64, requires_grad=True)
     s = torch.tensor(0.37, dtype=torch.float64, requires_grad=True)
     beta = torch.tensor(2.5, dtype=torch.float64)
-    fused = csq._CSQWeight.apply(pos, neg, mask, s, beta)
-    ref = by_hand(pos, neg, mask, s, beta)
+    bit_beta = torch.tensor(bit_beta, dtype=torch.float64)
+    fused = csq._CSQWeight.apply(pos, neg, mask, s, beta, bit_beta)
+    ref = by_hand(pos, neg, mask, s, beta, bit_beta)
     assert torch.allclose(fused, ref, rtol=1e-12, atol=1e-15)
-    assert torch.allclose(csq.csq_formula(pos, neg, mask, s, beta), ref, rtol=1e-12, atol=1e-15)
+    assert torch.allclose(csq.csq_formula(pos, neg, mask, s, beta, bit_beta), ref, rtol=1e-12, atol=1e-15)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(fused, (pos, neg, mask, s), g), torch.autograd.grad(ref, (pos, neg, mask, s), g)):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14)
-    assert torch.autograd.gradcheck(lambda *a: csq._CSQWeight.apply(*a, beta), (pos, neg, mask, s))
+    assert torch.autograd.gradcheck(lambda *a: csq._CSQWeight.apply(*a, beta, bit_beta), (pos, neg, mask, s))
 
 
 def test_no_rounding_in_the_weight_path():
@@ -369,6 +371,34 @@ def test_beta_saturates_and_the_mask_hardens_without_a_rewind():
     assert float(method.regularizer()) == 0.0
     # every layer shares one beta tensor, filled once per step
     assert model.conv.beta is model.fc.beta and float(model.conv.beta) == pytest.approx(200)
+
+
+def test_bit_gates_can_anneal_to_their_own_temperature():
+    """--bit-beta-max: m_p, m_n follow the same curve to their own temperature while the mask
+    is searched (the mask's beta still on its way to beta_max), then catch up with beta_max by
+    the end of the search; the weight and the undecided count use the bits' temperature."""
+    torch.manual_seed(0)
+    method = CSQ(8, 3.0, 10, 0, lam=0.01, beta_max=200.0, mask_hard_at=0.8, bit_beta_max=20.0)
+    model = method.prepare(TwoLayer())
+    method.on_step(5.0)
+    assert method.beta == pytest.approx(200 ** 0.5) and method.bit_beta == pytest.approx(20 ** 0.5)
+    assert model.conv.bit_beta is model.fc.bit_beta and float(model.conv.bit_beta) == pytest.approx(20 ** 0.5)
+    layer = model.conv
+    want = csq.csq_formula(layer.bit_logits_pos, layer.bit_logits_neg, layer.bit_mask_logits, layer.scale,
+                           layer.beta, layer.bit_beta)
+    assert torch.allclose(layer.csq_weight(), want)
+    assert not torch.allclose(layer.csq_weight(), csq.csq_formula(layer.bit_logits_pos, layer.bit_logits_neg,
+                              layer.bit_mask_logits, layer.scale, layer.beta))
+    with torch.no_grad():                   # a bit logit decided at beta but not at the bit temperature
+        layer.bit_logits_pos.fill_(0.5)
+    und = layer.undecided()
+    assert float(und[0]) == float(und[1]) / 2          # every m_p of a kept plane: |4.47 * 0.5| < 3
+    method.on_step(8.0)                                # the mask final: the bits catch up with beta
+    assert method.bit_beta == pytest.approx(20 ** 0.8)
+    method.on_step(9.0)
+    assert method.bit_beta == pytest.approx((20 ** 0.8 * 200) ** 0.5)
+    method.on_step(9.9999)                             # the search's last step: every gate at beta_max
+    assert method.beta == pytest.approx(200, rel=1e-3) and method.bit_beta == pytest.approx(200, rel=1e-3)
 
 
 def test_the_mask_becomes_final_on_budget_dropping_the_most_marginal_bits():

@@ -1,4 +1,4 @@
-"""Fast integer kernels (mixq.compile.x86 / arm): every fast path compiled and compared with
+"""Fast integer kernels (mixq.compile.kernels, packed, x86, arm): every fast path compiled and compared with
 the golden NumPy interpreter (mixq.graph.run) on random graphs that exercise its corners:
 signed network input (+128 shift), 9-bit weights (two int8 parts), channel counts that are not
 multiples of 16, stride/padding/1x1 shortcuts, residual adds fused into a conv and standalone,
@@ -14,7 +14,8 @@ from mixq import graph as G
 tvm = pytest.importorskip("tvm")
 from tvm import relax  # noqa: E402
 
-from mixq.compile import packed, x86  # noqa: E402
+from mixq.compile import build, kernels, x86  # noqa: E402
+from mixq.compile.registry import Unsupported  # noqa: E402
 
 VNNI_TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
 AVX2_TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
@@ -49,12 +50,12 @@ class Builder:
     def _add_tensor(self, name, shape, dtype, bits):
         self.tensors[name] = G.TensorInfo(name, tuple(shape), dtype, bits, 1.0)
 
-    def conv(self, src, cout, k=3, stride=1, padding=1, wbits=8, out_bits=8, raw=False, kind="conv2d"):
+    def conv(self, src, cout, k=3, stride=1, padding=1, wbits=8, out_bits=8, raw=False, kind="conv2d", groups=1):
         name = f"{kind}{len(self.ops)}"
         t = self.tensors[src]
         cin = t.shape[0]
         wmax = (1 << (wbits - 1)) - 1
-        wshape = (cout, cin, k, k) if kind == "conv2d" else (cout, cin)
+        wshape = (cout, cin // groups, k, k) if kind == "conv2d" else (cout, cin)
         w = self.rng.integers(-wmax, wmax + 1, wshape)
         w[self.rng.random(wshape) < 0.3] = 0
         w[0].flat[0] = wmax                         # reach the storage range's edge
@@ -64,7 +65,7 @@ class Builder:
                   "bias": self.rng.integers(-int(typical), int(typical) + 1, cout).astype(np.int32)}
         attrs = {"storage_bits": wbits}
         if kind == "conv2d":
-            attrs.update(stride=stride, padding=padding, groups=1)
+            attrs.update(stride=stride, padding=padding, groups=groups)
             h = (t.shape[1] + 2 * padding - k) // stride + 1
             shape = (cout, h, (t.shape[2] + 2 * padding - k) // stride + 1)
         else:
@@ -108,7 +109,7 @@ class Builder:
         else:
             bits = self.tensors[src].bits
         self.ops.append(G.Op(name, kind, [src], name, attrs, arrays))
-        self._add_tensor(name, shape, "uint8", bits)
+        self._add_tensor(name, shape, "uint8" if kind == "avgpool" else self.tensors[src].dtype, bits)
         self.max[name] = self.max[src]
         return name
 
@@ -163,8 +164,14 @@ def random_input(graph, batch, seed=0):
     return rng.integers(lo, hi + 1, (batch, *graph.input.shape)).astype(graph.input.dtype)
 
 
-def run_compiled(graph, batch, target, x, database=None):
-    ex, report = x86.build(graph, batch, tvm.target.Target(target), database)
+def compile_fast(graph, batch, target, tune_db=None, tune_trials=0):
+    """(executable, info) from `mixq compile`'s entry point with the fast path allowed."""
+    return build.build_library(graph, tvm.target.Target(target), "auto",
+                               {"batch": batch, "tune_db": tune_db, "tune_trials": tune_trials})
+
+
+def run_compiled(graph, batch, target, x, tune_db=None):
+    ex, report = compile_fast(graph, batch, target, tune_db)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     return vm["main"](tvm.runtime.tensor(x)).numpy(), report
 
@@ -172,21 +179,21 @@ def run_compiled(graph, batch, target, x, database=None):
 # ----------------------------------------------------------------------------- numpy-only
 def test_weight_parts_rebuild_9bit_weights_exactly():
     w = np.arange(-255, 256).reshape(1, -1, 1, 1)
-    parts = packed.weight_parts(w)
+    parts = kernels.weight_parts(w)
     assert len(parts) == 2
     assert all(p.min() >= -128 and p.max() <= 127 for p in parts)
     assert np.array_equal(2 * parts[0] + parts[1], w)
-    assert len(packed.weight_parts(np.array([[-127, 127]]))) == 1
-    with pytest.raises(packed.Unsupported):
-        packed.weight_parts(np.array([[256]]))
+    assert len(kernels.weight_parts(np.array([[-127, 127]]))) == 1
+    with pytest.raises(Unsupported):
+        kernels.weight_parts(np.array([[256]]))
 
 
 def test_packed_weight_layout_matches_the_conv_index():
     rng = np.random.default_rng(0)
     w = rng.integers(-255, 256, (20, 6, 3, 3))
-    pw = packed.pack_conv_weight(w, in_block=4)                 # 2 parts, O 20 -> 32, C 6 -> 8
+    pw = kernels.pack_conv_weight(w, in_block=4)                 # 2 parts, O 20 -> 32, C 6 -> 8
     assert pw.shape == (2 * 2, 2, 3, 3, 1, 16, 4) and pw.dtype == np.int8
-    hi, lo = packed.weight_parts(w)
+    hi, lo = kernels.weight_parts(w)
     for o, c, kh, kw in [(0, 0, 0, 0), (19, 5, 2, 1), (7, 4, 1, 2)]:
         oc, ob, ic, icb = o // 16, o % 16, c // 4, c % 4
         assert pw[oc * 2, ic, kh, kw, icb // 4, ob, icb % 4] == hi[o, c, kh, kw]
@@ -217,7 +224,7 @@ def test_vnni_program_is_bit_exact(make_graph, batch):
 def test_any_batch_program_is_bit_exact():
     """batch=None compiles a symbolic batch: one library for batch 1 and larger batches."""
     g = resnet_like(seed=4)
-    ex, _ = x86.build(g, None, tvm.target.Target(VNNI_TARGET))
+    ex, _ = compile_fast(g, None, VNNI_TARGET)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     for batch in (1, 5):
         x = random_input(g, batch, seed=batch)
@@ -249,12 +256,65 @@ def test_extreme_values_stay_exact():
 
 
 def test_unsupported_graphs_are_refused_with_a_reason():
+    """The fast path refuses an op it cannot run exactly, with the reason; that op takes the
+    default lowering, the others stay on the fast path (test_compile.py checks such mixed
+    programs bit for bit). A CPU without the instructions gets no fast path at all."""
     g = digits_like()
     g.ops[1].attrs["groups"] = 2
-    with pytest.raises(packed.Unsupported, match="grouped"):
-        x86.lower_graph(g, 1, tvm.target.Target(VNNI_TARGET))
-    with pytest.raises(packed.Unsupported, match="AVX"):
-        x86.lower_graph(digits_like(), 1, tvm.target.Target({"kind": "llvm", "mcpu": "core2"}))
+    _, info = build.lower_module(g, tvm.target.Target(VNNI_TARGET), "auto", {"batch": 1}, log=lambda m: None)
+    assert info["lowerings"][g.ops[1].name] == "default" and "grouped" in info["fallbacks"][g.ops[1].name]
+    assert info["lowerings"][g.ops[0].name] == "packed"
+    with pytest.raises(Unsupported, match="AVX"):
+        x86.isa_for(tvm.target.Target({"kind": "llvm", "mcpu": "core2"}))
+
+
+# ----------------------------------------------------------------------------- mixed programs
+def mixed_residual(seed=21):
+    """Fast-path ops around ops only the default lowering takes, so tensors change layout
+    both ways inside the network: a maxpool of the signed input (int8, packed with the input's
+    offset for the next conv), a grouped conv between packed convs, a residual add fused into
+    a packed conv whose other branch comes from the default lowering, a packed add of a raw
+    int32 tensor from the default lowering."""
+    b = Builder((3, 10, 10), seed)
+    m = b.pool("input", "maxpool", 2, 1)                 # default: pool of the network input
+    x = b.conv(m, 16, wbits=5)                           # packed, on an int8 NCHW tensor packed here
+    d = b.conv(x, 16, wbits=4, groups=4)                 # default: grouped
+    y = b.conv(d, 16, wbits=3, raw=True)                 # packed raw conv, computes the add ...
+    r = b.add(y, d)                                      # ... whose other branch is d, packed
+    z = b.conv(r, 16, wbits=6, groups=2, raw=True)       # default: grouped, raw int32
+    s = b.add(z, r)                                      # packed AddKernel of a packed int32 tensor
+    p = b.pool(s, "avgpool", 3, 3)
+    return b.graph(b.linear(b.flatten(p), 10, wbits=6, raw=True)), {
+        m: "default", x: "packed", d: "default", y: "packed", r: "packed", z: "default", s: "packed"}
+
+
+def offset_pools(seed=22):
+    """Average pools of an int8 tensor that the default lowering made (stored with offset 128 on
+    x86): a 7-bit output fits the storage, an 8-bit one does not and takes the default kernel."""
+    b = Builder((16, 6, 6), seed)
+    m = b.pool("input", "maxpool", 3, 1, padding=1)
+    a7 = b.pool(m, "avgpool", 2, 2, out_bits=7)
+    a8 = b.pool(m, "avgpool", 2, 2, out_bits=8)
+    s = b.add(b.conv(a7, 16, raw=True), b.conv(a8, 16, raw=True))
+    return b.graph(b.linear(b.flatten(s), 10, wbits=8, raw=True)), {m: "default", a7: "packed", a8: "default"}
+
+
+@needs_vnni
+@pytest.mark.parametrize("make_graph", [mixed_residual, offset_pools])
+@pytest.mark.parametrize("batch", [None, 2])
+def test_mixed_fast_and_default_program_is_bit_exact(make_graph, batch):
+    g, expected = make_graph()
+    G.validate(g)
+    ex, info = compile_fast(g, batch, VNNI_TARGET)
+    assert info["strategy"] == "x86-vnni" and info["batch"] == batch
+    lowered = {op.output: info["lowerings"][op.name] for op in g.ops}
+    assert {name: lowered[name] for name in expected} == expected
+    assert set(info["fallbacks"]) == {op.name for op in g.ops if lowered[op.output] == "default"}
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    for n in ((1, 5) if batch is None else (batch,)):
+        x = random_input(g, n, seed=n)
+        got, want = vm["main"](tvm.runtime.tensor(x)).numpy(), G.run(g, x)
+        assert got.dtype == want.dtype and np.array_equal(got, want), n
 
 
 # ----------------------------------------------------------------------------- aarch64
@@ -266,9 +326,8 @@ def test_aarch64_kernels_use_sdot():
     """Without a board: the generated aarch64 code of a conv kernel is made of sdot."""
     import re
 
-    from mixq.compile import arm
     target = tvm.target.Target(AARCH64_SDOT)
-    mod, report = arm.lower_graph(digits_like(), 1, target)
+    mod, report = build.lower_module(digits_like(), target, "auto", {"batch": 1})
     assert report["strategy"] == "arm-sdot"
     conv = next(gv for gv in mod.get_global_vars() if "ConvKernel" in gv.name_hint)
     lib = tvm.compile(tvm.IRModule({"main": mod[conv].with_attr("global_symbol", "main")}), target)
@@ -314,40 +373,83 @@ def run_on_board(board, lib_path, x) -> np.ndarray:
 def test_aarch64_program_is_bit_exact_on_the_board(arm_board, tmp_path, target):
     import tvm.support.cc
 
-    from mixq.compile import arm
     g = resnet_like(seed=7)
     x = random_input(g, 2, seed=7)
-    ex, report = arm.build(g, 2, tvm.target.Target(target))
+    ex, report = compile_fast(g, 2, target)
     lib_path = tmp_path / "model.so"
     ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
     assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), report["strategy"]
     g = digits_like_uint8_input()                 # uint8 input: stored as x - 128 for sdot
     x = random_input(g, 3, seed=8)
-    ex, report = arm.build(g, None, tvm.target.Target(target))
+    ex, report = compile_fast(g, None, target)
     lib_path = tmp_path / "model_any_batch.so"
     ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
     assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), report["strategy"]
 
 
+def odd_width_graphs():
+    """Default-lowered kernels whose output rows are 3, 5, 6 and 7 wide (avgpool of the
+    signed input, a default conv and add): the widths where the generic schedule's row
+    vectors are not all 16, 8 or 4 lanes."""
+    graphs = []
+    for w in (3, 5, 6, 7):
+        b = Builder((4, 4, 2 * w), seed=w)
+        graphs.append(b.graph(b.pool("input", "avgpool", 2, 2)))
+        b = Builder((8, 4, w), seed=w, input_dtype="uint8")
+        x = b.conv("input", 8)
+        graphs.append(b.graph(b.add(x, b.conv(x, 8))))
+    return graphs
+
+
+def vectorized_extents(mod) -> list[int]:
+    """The extents of the vectorized loops of every PrimFunc, read from its TVMScript."""
+    import re
+    from tvm import tirx
+    return [int(n) for _, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)
+            for n in re.findall(r"T\.vectorized\((?:T\.int\d+\()?(\d+)", f.script())]
+
+
+def test_generic_schedule_vectorizes_only_power_of_two_lanes():
+    """LLVM's aarch64 backend miscompiled the 3-lane vectors the generic schedule made of a
+    3-wide output row (an avgpool was wrong in half its outputs on the board): every vector
+    is now 2, 4, 8 or 16 lanes, and a 6-wide row still gets 2-lane vectors."""
+    target = tvm.target.Target(AARCH64_NEON)
+    found = set()
+    for g in odd_width_graphs():
+        mod, _ = build.lower_module(g, target, "default", log=lambda line: None)
+        found.update(vectorized_extents(mod))
+    assert found and found <= {2, 4, 8, 16}, found
+    assert 2 in found
+
+
+@pytest.mark.slow
+def test_odd_width_default_kernels_are_exact_on_the_board(arm_board, tmp_path):
+    import tvm.support.cc
+
+    for i, g in enumerate(odd_width_graphs()):
+        x = random_input(g, 2, seed=i)
+        ex, _ = build.build_library(g, tvm.target.Target(AARCH64_NEON), "default", log=lambda line: None)
+        lib_path = tmp_path / f"odd{i}.so"
+        ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+        assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), g.ops[0].name
+
+
 # ----------------------------------------------------------------------------- tuning
 @needs_vnni
 def test_tuning_records_are_reused_and_stay_exact(tmp_path):
-    from mixq.compile import tune
     b = Builder((16, 8, 8), seed=11)
     g = b.graph(b.conv("input", 32, wbits=9))
-    target = tvm.target.Target(VNNI_TARGET)
     db_dir = tmp_path / "tune-db"
-    x86.tune(g, 1, target, trials=4, db_dir=db_dir, progress=False)
+    compile_fast(g, 1, VNNI_TARGET, db_dir, tune_trials=4)
     records = (db_dir / "database_tuning_record.json").read_text().splitlines()
     assert len(records) >= 2, "expected the hand schedule's baseline record plus tuning trials"
-    database = tune.open_database(db_dir)
     x = random_input(g, 1, seed=11)
-    got, report = run_compiled(g, 1, VNNI_TARGET, x, database)
+    got, report = run_compiled(g, 1, VNNI_TARGET, x, db_dir)
     assert report["tuned_kernels"] == 1
     assert np.array_equal(got, G.run(g, x))
-    x86.tune(g, 1, target, trials=4, db_dir=db_dir, progress=False)     # same shapes: nothing to do
+    compile_fast(g, 1, VNNI_TARGET, db_dir, tune_trials=4)               # same shapes: nothing to do
     assert (db_dir / "database_tuning_record.json").read_text().splitlines() == records
-    got, report = run_compiled(g, None, VNNI_TARGET, x, database)        # any-batch build: same loops
+    got, report = run_compiled(g, None, VNNI_TARGET, x, db_dir)          # any-batch build: same loops
     assert report["tuned_kernels"] == 1 and np.array_equal(got, G.run(g, x))
 
 
@@ -356,14 +458,14 @@ def test_aarch64_tuning_measures_on_the_board(arm_board, tmp_path):
     """--tune for aarch64: candidates cross-compiled here, timed on the board over RPC."""
     import tvm.support.cc
 
-    from mixq.compile import arm, tune
     b = Builder((16, 6, 6), seed=13)
     g = b.graph(b.conv("input", 16, wbits=9))
     target = tvm.target.Target(AARCH64_SDOT)
     db_dir = tmp_path / "tune-db"
-    arm.tune(g, 1, target, trials=2, db_dir=db_dir, runner=tune.board_runner(arm_board.address), progress=False)
+    build.lower_module(g, target, "auto", {"batch": 1, "tune_trials": 2, "tune_db": db_dir,
+                                           "tune_board": arm_board.address})
     assert (db_dir / "database_tuning_record.json").read_text().strip(), "no candidate ran on the board"
-    ex, report = arm.build(g, 1, target, tune.open_database(db_dir))
+    ex, report = compile_fast(g, 1, AARCH64_SDOT, db_dir)
     assert report["tuned_kernels"] == 1
     lib_path = tmp_path / "tuned.so"
     ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))

@@ -1,10 +1,10 @@
-"""The import graph of the mixq package, read from its source files (no import is run).
+"""The import graph of the mixq package, read from its source files (no import is run):
+tests/importgraph.py, which counts every `import` and `from ... import` of a mixq module, at
+module level or inside a function, relative ones too, and maps modules to files through
+pyproject.toml's package-dir (mixq -> mixq/, mixq.train -> train/, ...). What it asserts
+(README, "Layout": imports follow the pipeline):
 
-Every `import` and `from ... import` of a mixq module counts, at module level or inside a
-function. Modules map to files through pyproject.toml's package-dir (mixq -> mixq/,
-mixq.train -> train/, ...). What it asserts (DESIGN.md: data and imports flow one way):
-
-  - no import cycle between modules;
+  - no import cycle between modules (compile/'s own modules included);
   - stages import downward only: models <- train <- freeze (mixq/freeze.py, mixq/intsim.py)
     <- compile <- runtime; a stage may import its own modules and the core;
   - the core (the integer contract mixq/graph.py, mixq/fsio.py, mixq/errors.py, mixq/data.py)
@@ -16,11 +16,12 @@ the parent packages Python runs on the way are not counted (a package's __init__
 own submodules is no cycle)."""
 from __future__ import annotations
 
-import ast
 import tomllib
 from pathlib import Path
 
 import pytest
+
+import importgraph
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,42 +34,6 @@ STAGES = [("models", ("mixq.models",)), ("train", ("mixq.train",)), ("freeze", (
 
 def setuptools_config() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
-
-
-def source_modules() -> dict:
-    """module name -> source file, for every .py file under pyproject's package dirs."""
-    mods = {}
-    for package, folder in setuptools_config()["package-dir"].items():
-        root = REPO / folder
-        for path in sorted(root.rglob("*.py")):
-            rel = path.relative_to(root).with_suffix("")
-            parts = [p for p in rel.parts if p != "__init__"]
-            mods[".".join([package, *parts])] = path
-    return mods
-
-
-def imports_of(name: str, path: Path, known: set) -> set:
-    """The mixq modules `name` (source at `path`) imports, anywhere in the file."""
-    is_package = path.name == "__init__.py"
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:                                  # relative: from the importing package
-                pkg = name.split(".") if is_package else name.split(".")[:-1]
-                pkg = pkg[:len(pkg) - node.level + 1]
-                base = ".".join(pkg + ([node.module] if node.module else []))
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-        else:
-            continue
-        for t in targets:
-            while t and t not in known:                     # `import mixq.train.quant.x` -> the module
-                t = t.rpartition(".")[0]
-            if t and t != name:
-                found.add(t)
-    return found
 
 
 def stage_of(module: str):
@@ -85,15 +50,14 @@ def stage_of(module: str):
 
 @pytest.fixture(scope="module")
 def graph() -> dict:
-    mods = source_modules()
-    return {name: imports_of(name, path, set(mods)) for name, path in mods.items()}
+    return importgraph.import_graph(REPO)
 
 
 def test_the_walk_sees_the_whole_package(graph):
     # every folder with an __init__.py is a package setuptools installs, and the walk found
     # the modules this test is about
     packages = set(setuptools_config()["packages"])
-    missing = sorted(name for name, path in source_modules().items()
+    missing = sorted(name for name, path in importgraph.module_files(REPO).items()
                      if path.name == "__init__.py" and name not in packages)
     assert not missing, f"packages missing from pyproject.toml [tool.setuptools] packages: {missing}"
     for module in ("mixq.graph", "mixq.fsio", "mixq.freeze", "mixq.intsim", "mixq.train.loop",
@@ -105,44 +69,8 @@ def test_the_walk_sees_the_whole_package(graph):
         stage_of(module)                                                # every module is placed
 
 
-def find_cycle(graph: dict, modules) -> list | None:
-    """One import cycle among `modules` (edges leaving them ignored), [a, b, ..., a], or None."""
-    modules, done, on_path = set(modules), set(), []
-
-    def visit(module):
-        if module in on_path:
-            return on_path[on_path.index(module):] + [module]
-        if module in done:
-            return None
-        on_path.append(module)
-        for dep in sorted(graph[module] & modules):
-            cycle = visit(dep)
-            if cycle:
-                return cycle
-        on_path.pop()
-        done.add(module)
-        return None
-
-    for module in sorted(modules):
-        cycle = visit(module)
-        if cycle:
-            return cycle
-    return None
-
-
 def test_no_import_cycle(graph):
-    # compile/'s own modules are the compile redesign's (next test); everything else, and every
-    # import into or out of compile/, is checked here
-    inside_compile = lambda m: m.startswith("mixq.compile.")
-    pruned = {m: {d for d in deps if not (inside_compile(m) and inside_compile(d))} for m, deps in graph.items()}
-    cycle = find_cycle(pruned, pruned)
-    assert cycle is None, "import cycle: " + " -> ".join(cycle)
-
-
-@pytest.mark.xfail(strict=False, reason="compile/'s internal imports belong to the compile redesign "
-                   "(branch redesign-compile); here compile.packed and compile.arm/x86 import each other")
-def test_no_import_cycle_inside_compile(graph):
-    cycle = find_cycle(graph, [m for m in graph if m.startswith("mixq.compile")])
+    cycle = importgraph.find_cycle(graph, graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 

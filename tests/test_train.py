@@ -202,8 +202,10 @@ def test_bf16_autocast_trains_with_fp32_csq_weights(tmp_path):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layer.csq_weight().dtype == torch.float32
         assert layer(torch.randn(1, 3, 8, 8)).dtype == torch.bfloat16
-    m = train(TrainConfig(epochs=10, train_subset=800, amp="bf16"), str(tmp_path / "run"))
-    assert m["accuracy"] > 85 and abs(m["avg_bits"] - 3) <= 0.2, m      # fp32 here: 96.7%
+    # all 1,437 digits: 10 epochs on 800 (130 steps) are chaotic, 11-95 % by seed and thread count
+    # in eager fp32 alike; on all of them eager fp32 gives 92-98 % (seeds 0-2), bf16 97.8 %
+    m = train(TrainConfig(epochs=10, amp="bf16"), str(tmp_path / "run"))
+    assert m["accuracy"] > 85 and abs(m["avg_bits"] - 3) <= 0.2, m
 
 
 def test_resident_batches_cover_the_data_once_per_epoch_in_a_seeded_order():
@@ -225,8 +227,8 @@ def test_resident_batches_cover_the_data_once_per_epoch_in_a_seeded_order():
 
 @pytest.mark.slow
 def test_torch_compile_trains(tmp_path):
-    m = train(TrainConfig(epochs=10, train_subset=800, compile=True), str(tmp_path / "run"))
-    assert m["epochs"] == 10 and m["accuracy"] > 85, m              # eager: 96.7% (the bf16 test)
+    m = train(TrainConfig(epochs=10, compile=True), str(tmp_path / "run"))      # all digits: see the bf16 test
+    assert m["epochs"] == 10 and m["accuracy"] > 85, m              # compiled: 97.8 %, eager 98.1 %
 
 
 class Relu6CNN(torch.nn.Module):
@@ -265,6 +267,17 @@ def test_ste_uniform_trains_fixed_precision(tmp_path):
     assert len(history(tmp_path / "run")) == 6
 
 
+def test_history_rows_can_evaluate_a_probe_of_the_test_set(tmp_path, monkeypatch):
+    """--history-test-images N: epochs before the last evaluate the first N test images (a long
+    run's per-epoch rows stay cheap); the last epoch, and so metrics.json, all of them."""
+    from mixq.train import loop
+    seen, real = [], loop.accuracy
+    monkeypatch.setattr(loop, "accuracy", lambda model, loader, device: seen.append(len(loader.dataset)) or real(model, loader, device))
+    m = train(TrainConfig(method="csq", epochs=3, history_test_images=25), str(tmp_path / "run"))
+    assert seen == [25, 25, 25, 25, 360, 360], seen          # hardened + relaxed per epoch
+    assert m["test_images"] == 360 and float(history(tmp_path / "run")[-1]["accuracy"]) == m["accuracy"]
+
+
 @pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 def test_torchrun_two_processes_on_cpu(tmp_path):
     run = tmp_path / "run"
@@ -287,19 +300,21 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
 @needs_cifar
 @pytest.mark.slow
 def test_resnet20_on_cifar10_trains_end_to_end(tmp_path, mixq_train):
-    """3 short epochs on 2048 images: the whole path works (data cache, augmentation, CSQ on
-    22 layers, finetune, integer simulation); the network only starts to learn."""
-    # (--finetune-epochs 1 keeps the paper's optional ImageNet finetune phase covered)
+    """6 short epochs on 2048 images: the whole path works (data cache, augmentation, CSQ on
+    22 layers, integer simulation) and the network learns. (3 epochs, or a 1-epoch finetune
+    after them, end at chance: the budget term prunes to ~1 bit in epoch 1 and the rest is too
+    short to recover; 6 epochs end at 33.8 and 36.0 % for seeds 0 and 1 here. The finetune
+    phase is covered on digits.)"""
     run = tmp_path / "run"
     r = subprocess.run(mixq_train("--model", "resnet20", "--dataset", "cifar10", "--data-dir", CIFAR,
-                                  "--train-subset", "2048", "--test-subset", "500", "--epochs", "3",
-                                  "--finetune-epochs", "1", "--batch-size", "128", "--out", run),
+                                  "--train-subset", "2048", "--test-subset", "500", "--epochs", "6",
+                                  "--batch-size", "128", "--out", run),
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((run / "metrics.json").read_text())
     assert m["model"] == "resnet20" and len(m["layers"]) == 22 and m["test_images"] == 500
-    assert 3 - 1 / 22 - 1e-9 <= m["avg_bits"] <= 3 + 1e-9 and m["epochs"] == 3
-    assert 0 <= m["accuracy"] <= 100 and m["int_agreement"] > 90
+    assert 3 - 1 / 22 - 1e-9 <= m["avg_bits"] <= 3 + 1e-9 and m["epochs"] == 6
+    assert m["accuracy"] > 20 and m["int_agreement"] > 90, m          # chance is 10 %
     # the task loss (the logged loss includes the budget term, large while all 8 bits are kept)
     losses = [float(row["loss"]) - float(row["regularizer"]) for row in history(run)]
     assert losses[-1] < losses[0] < 3.0, losses

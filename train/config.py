@@ -45,6 +45,7 @@ class CommonConfig:
     device: str = "auto"
     train_subset: int | None = None
     test_subset: int | None = None
+    history_test_images: int | None = None   # per-epoch history rows: the first N test images (last epoch: all)
     compile: bool = False           # torch.compile the model for training
     amp: str = "off"                # "bf16": autocast convolutions to bfloat16 (CSQ weights stay fp32)
     num_classes: int = 10
@@ -112,6 +113,8 @@ class CommonConfig:
             warm = " and ".join(n for n, m in METHODS.items() if m.warm_start)
             raise ConfigError(f"--warmup-epochs {self.warmup_epochs}: must be >= 0, and is for {warm} "
                               "(the others warm up by themselves or train their float weights directly)")
+        if self.history_test_images is not None and self.history_test_images < 1:
+            raise ConfigError(f"--history-test-images {self.history_test_images}: must be >= 1")
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
@@ -162,7 +165,7 @@ def recipe_defaults(recipe: str, model: str, dataset: str) -> dict:
         "batch_size": 256, "lam": 0.01, "beta_max": 200.0, "beta_saturate": 1.0, "mask_hard_at": 1.0,
         "csq_init": "full", "mask_init": 0.0, "init_logit": 1.0,  # all 8 bits, every gate at 1/2
         "min_layer_bits": 0, "fixed_shortcuts": True, "warmup_epochs": 0, "init_from": None,
-        "bit_logit_bound": 0.0,                                   # no box on the logits
+        "bit_logit_bound": 0.0, "bit_beta_max": None,             # no box on the logits, one beta
     }
 
 

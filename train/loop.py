@@ -195,6 +195,10 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) 
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if proc.world > 1 else model
     train_loader, reseed = make_train_loader(spec, cfg, proc)
     test_loader = torch.utils.data.DataLoader(spec.test, 512, num_workers=spec.workers)
+    probe_loader = test_loader      # the per-epoch rows before the last: all test images, or the first N
+    if cfg.history_test_images and cfg.history_test_images < len(spec.test):
+        probe = torch.utils.data.Subset(spec.test, range(cfg.history_test_images))
+        probe_loader = torch.utils.data.DataLoader(probe, 512, num_workers=spec.workers)
     steps = len(train_loader)
     opts = make_optimizers(model, cfg)
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps, cfg)) for k, o in opts.items()}
@@ -236,7 +240,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) 
             sums += torch.stack([loss.detach(), reg.detach().float()])
         if proc.main:
             loss_sum, reg_sum = sums.tolist()
-            row = epoch_report(model, method, test_loader, proc.device, epoch, steps, loss_sum, reg_sum,
+            row = epoch_report(model, method, test_loader if epoch == cfg.epochs - 1 else probe_loader, proc.device, epoch, steps, loss_sum, reg_sum,
                                time.time() - t0, opts["sgd"])
             history.append(row)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['accuracy']:.1f}", bits=f"{row['avg_precision']:.2f}")
@@ -399,7 +403,7 @@ def epoch_report(model, method, test_loader, device, epoch, steps, loss_sum, reg
     return {"epoch": epoch, "loss": loss_sum / steps, "regularizer": reg_sum / steps,
             "accuracy": hard, "relaxed_accuracy": relaxed,
             **(method.undecided() if method.relaxes else {"undecided_bits": None, "undecided_masks": None}),
-            "beta": getattr(method, "beta", None), "lr": sgd.param_groups[0]["lr"],
+            "beta": getattr(method, "beta", None), "bit_beta": getattr(method, "bit_beta", None), "lr": sgd.param_groups[0]["lr"],
             "avg_precision": sum(r["precision"] for r in counted) / len(counted),
             "avg_precision_weighted": sum(r["params"] * r["precision"] for r in counted) / params,
             "seconds": round(seconds, 3), **{f"prec:{r['name']}": r["precision"] for r in layers}}

@@ -56,20 +56,20 @@ class _CSQWeight(torch.autograd.Function):
     their difference): a CSQ step stays close to a float step in time and memory."""
 
     @staticmethod
-    def forward(ctx, pos_logits, neg_logits, mask_logits, scale, beta):
-        pos = torch.sigmoid(beta * pos_logits)
-        neg = torch.sigmoid(beta * neg_logits)
+    def forward(ctx, pos_logits, neg_logits, mask_logits, scale, beta, bit_beta):
+        pos = torch.sigmoid(bit_beta * pos_logits)
+        neg = torch.sigmoid(bit_beta * neg_logits)
         gate = torch.sigmoid(beta * mask_logits)
-        ctx.save_for_backward(pos, neg, gate, scale, beta)
+        ctx.save_for_backward(pos, neg, gate, scale, beta, bit_beta)
         plane_weight = scale / (2 ** N_BITS - 1) * _bit_values(gate) * gate      # [8]
         return torch.tensordot(plane_weight, pos, dims=1) - torch.tensordot(plane_weight, neg, dims=1)
 
     @staticmethod
     def backward(ctx, grad_w):
-        pos, neg, gate, scale, beta = ctx.saved_tensors
-        need_pos, need_neg, need_mask, need_scale, _ = ctx.needs_input_grad
+        pos, neg, gate, scale, beta, bit_beta = ctx.saved_tensors
+        need_pos, need_neg, need_mask, need_scale, _, _ = ctx.needs_input_grad
         unit = scale / (2 ** N_BITS - 1) * _bit_values(gate)                    # s/(2^n-1) * 2^b
-        grad_digits = grad_w.unsqueeze(0) * _planes(unit * gate * beta, grad_w.ndim)
+        grad_digits = grad_w.unsqueeze(0) * _planes(unit * gate * bit_beta, grad_w.ndim)
         sigmoid_backward = torch.ops.aten.sigmoid_backward                     # grad * sig * (1 - sig)
         grad_pos = sigmoid_backward(grad_digits, pos) if need_pos else None
         grad_neg = sigmoid_backward(grad_digits, neg).neg_() if need_neg else None
@@ -79,13 +79,14 @@ class _CSQWeight(torch.autograd.Function):
             grad_plane = pos.reshape(N_BITS, -1) @ flat - neg.reshape(N_BITS, -1) @ flat   # dL/d(plane b's weight)
             grad_mask = grad_plane * unit * beta * gate * (1 - gate)
             grad_scale = ((grad_plane * _bit_values(gate) * gate).sum() / (2 ** N_BITS - 1)).reshape(scale.shape)
-        return grad_pos, grad_neg, grad_mask, grad_scale, None
+        return grad_pos, grad_neg, grad_mask, grad_scale, None, None
 
 
-def csq_formula(pos_logits, neg_logits, mask_logits, scale, beta):
+def csq_formula(pos_logits, neg_logits, mask_logits, scale, beta, bit_beta=None):
     """The CSQ weight written out plainly, differentiated by autograd: the reference the fused
     _CSQWeight is tested against."""
-    bits = torch.sigmoid(beta * pos_logits) - torch.sigmoid(beta * neg_logits)
+    bit_beta = beta if bit_beta is None else bit_beta
+    bits = torch.sigmoid(bit_beta * pos_logits) - torch.sigmoid(bit_beta * neg_logits)
     coef = _bit_values(bits) * torch.sigmoid(beta * mask_logits)
     return scale / (2 ** N_BITS - 1) * torch.tensordot(coef, bits, dims=1)
 
@@ -137,6 +138,7 @@ class CSQMixin:
         self.scale = nn.Parameter(fit.clamp_min(1e-8).reshape(()).float())
         self.register_buffer("beta", torch.tensor(1.0, device=w.device))
         self.register_buffer("mask_frozen", torch.tensor(False, device=w.device))
+        self.bit_beta = None      # bit-gate temperature when it differs from beta (not saved: set every step)
         self.frozen = False       # mirrors the mask_frozen buffer without a device sync per step
         self.hard = False
 
@@ -163,8 +165,14 @@ class CSQMixin:
         if self.frozen:
             # finetune: the mask is a fixed unit step, the bit logits keep their sigmoids
             frozen = torch.where(self.kept_mask(), 1e4, -1e4)      # sig(beta * +-1e4) == 1 / 0 exactly
-            return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, frozen, self.scale, self.beta)
-        return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, self.bit_mask_logits, self.scale, self.beta)
+            return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, frozen, self.scale, self.beta, self.bit_temperature())
+        return _CSQWeight.apply(self.bit_logits_pos, self.bit_logits_neg, self.bit_mask_logits, self.scale, self.beta,
+                                self.bit_temperature())
+
+    def bit_temperature(self) -> torch.Tensor:
+        """The temperature of the bit gates sig(beta_b * m_p), sig(beta_b * m_n): beta itself
+        (the paper), or the tensor CSQ.on_step points `bit_beta` to (--bit-beta-max)."""
+        return self.beta if self.bit_beta is None else self.bit_beta
 
     def hard_weight(self) -> torch.Tensor:
         """beta -> inf: every gate a unit step. Equals scale * q of integer_weight() exactly."""
@@ -187,9 +195,9 @@ class CSQMixin:
         sigmoid is still between 0.047 and 0.953, so hardening it would move the weight. Bit
         logits count only in the planes the mask keeps (the others are gated off in the
         hardened weight); a frozen mask counts as decided."""
-        beta = self.beta
+        beta, bit_beta = self.beta, self.bit_temperature()
         kept = _planes(self.kept_mask(), self.bit_logits_pos.ndim - 1)
-        open_bits = lambda m: ((beta * m).abs() < UNDECIDED) & kept
+        open_bits = lambda m: ((bit_beta * m).abs() < UNDECIDED) & kept
         bits = (open_bits(self.bit_logits_pos).sum() + open_bits(self.bit_logits_neg).sum()).float()
         n_bits = 2.0 * kept.sum() * self.bit_logits_pos[0].numel()
         if self.frozen:
@@ -288,7 +296,9 @@ class CSQ(Method):
     step, so beta grows smoothly per step; with saturate = 1 and sampled at whole epochs it is
     the paper's curve (beta_max reached at the last search epoch). One beta tensor is shared by
     every layer and filled once per step. The optional finetune phase (the paper's ImageNet
-    recipe) freezes the mask, rewinds beta to 1 and anneals it again.
+    recipe) freezes the mask, rewinds beta to 1 and anneals it again. `bit_beta_max` (mixq's
+    default 20; None: the paper's one beta) gives the bit gates their own temperature, see
+    bit_schedule.
 
     Convergence (the search must end with the hardened network equal to the relaxed one):
     `mask_hard_at` < 1 turns the mask into exact unit steps for the last part of the search,
@@ -320,6 +330,8 @@ class CSQ(Method):
     options = (
         Option("lam", 0.01, "csq: budget regularizer strength", flag="--lambda"),
         Option("beta_max", 200.0, "CSQ: final gate temperature"),
+        Option("bit_beta_max", 20.0, "CSQ: final temperature of the bit gates m_p, m_n on the same curve "
+               "(default: --beta-max)"),
         Option("beta_saturate", 1.0, "CSQ: beta reaches --beta-max at this fraction of the search (1: the last epoch)"),
         Option("mask_hard_at", 0.8, "CSQ: from this fraction of the search on, the bit mask is an exact step (1: never)"),
         Option("csq_init", "full", "CSQ: full (default: all 8 bits kept, precision then prunes to the target, as "
@@ -336,7 +348,7 @@ class CSQ(Method):
         fixed = shortcut_layers(net) if cfg.fixed_shortcuts else ()
         return cls(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.lam, cfg.beta_max,
                    cfg.init_logit, cfg.mask_init, cfg.min_layer_bits, cfg.csq_init, cfg.beta_saturate,
-                   cfg.mask_hard_at, fixed, cfg.bit_logit_bound)
+                   cfg.mask_hard_at, fixed, cfg.bit_logit_bound, cfg.bit_beta_max)
 
     @classmethod
     def check_options(cls, cfg):
@@ -344,6 +356,8 @@ class CSQ(Method):
             raise ConfigError(f"--csq-init {cfg.csq_init}: must be budget or full")
         if cfg.bit_logit_bound < 0:
             raise ConfigError(f"--bit-logit-bound {cfg.bit_logit_bound}: must be >= 0 (0: unbounded)")
+        if cfg.bit_beta_max is not None and not cfg.bit_beta_max >= 1:
+            raise ConfigError(f"--bit-beta-max {cfg.bit_beta_max}: must be >= 1")
         if not 0 < cfg.beta_saturate <= 1:
             raise ConfigError(f"--beta-saturate {cfg.beta_saturate}: must be in (0, 1]")
         if not 0 <= cfg.mask_hard_at <= 1:
@@ -357,8 +371,9 @@ class CSQ(Method):
                  lam: float = 0.01, beta_max: float = 200.0, init_logit: float = 2.0,
                  mask_init: float = 0.2, min_layer_bits: int = 1, init: str = "budget",
                  beta_saturate: float = 1.0, mask_hard_at: float = 1.0, fixed_layers=(),
-                 bit_logit_bound: float = 0.0):
+                 bit_logit_bound: float = 0.0, bit_beta_max: float | None = None):
         super().__init__(act_bits)
+        self.bit_beta_max = bit_beta_max
         self.bit_logit_bound = bit_logit_bound
         self.min_layer_bits = min_layer_bits
         self.target, self.epochs, self.finetune_epochs = target_bits, epochs, finetune_epochs
@@ -368,6 +383,8 @@ class CSQ(Method):
         self.fixed_layers = tuple(fixed_layers)
         self.beta, self.mask_frozen = 1.0, False
         self._beta = None           # the one beta tensor every layer's `beta` buffer points to
+        self._bit_beta = None       # --bit-beta-max: the one bit-gate temperature tensor (layer.bit_beta)
+        self.bit_beta = 1.0
 
     def prepare(self, model):
         # swap_layers converts Conv2d/Linear in named_modules order: the same order as here
@@ -397,13 +414,34 @@ class CSQ(Method):
     def all_layers(self):
         return self._all
 
-    def schedule(self, epoch: float) -> tuple[float, bool]:
-        """(beta, mask hard) at a fractional epoch."""
+    def schedule(self, epoch: float, beta_max: float | None = None) -> tuple[float, bool]:
+        """(beta, mask hard) at a fractional epoch; beta_max: another final temperature on the
+        same curve (the bit gates' with --bit-beta-max)."""
+        beta_max = self.beta_max if beta_max is None else beta_max
         if epoch >= self.epochs:                            # finetune: beta rewound, mask frozen
             t = (epoch - self.epochs) / max(self.finetune_epochs, 1)
-            return float(self.beta_max ** min(t, 1.0)), True
+            return float(beta_max ** min(t, 1.0)), True
         t = epoch / max(self.epochs * self.beta_saturate, 1e-9)
-        return float(self.beta_max ** min(t, 1.0)), epoch >= self.mask_hard_at * self.epochs
+        return float(beta_max ** min(t, 1.0)), epoch >= self.mask_hard_at * self.epochs
+
+    def bit_schedule(self, epoch: float) -> float:
+        """The bit gates' temperature. With --bit-beta-max B_b (mixq's default, 20): the same
+        curve to B_b while the mask is searched, then from where it is to beta_max at the end
+        of the search (geometrically over the phase with the mask final), so every gate ends
+        at the paper's beta_max. Why: beta_b * m_p is what decides whether a digit can still
+        learn; with |m| <= 2 (--bit-logit-bound) and beta -> 200, the digits are steps from
+        beta ~ 6 on, a third of the way into the search, and a short run stops learning there
+        (README, "Why the search converges"). The mask keeps the paper's curve: it must be
+        near a step when it becomes final. In the finetune phase (mask frozen, beta rewound)
+        the bits follow beta."""
+        if self.bit_beta_max is None or epoch >= self.epochs:
+            return self.schedule(epoch)[0]
+        h = self.mask_hard_at * self.epochs
+        if epoch < h or self.mask_hard_at >= 1:
+            return self.schedule(epoch, self.bit_beta_max)[0]
+        start = self.schedule(h, self.bit_beta_max)[0]
+        u = (epoch - h) / (self.epochs - h)
+        return float(start * (self.beta_max / start) ** u)
 
     def on_step(self, epoch: float):
         self.beta, hard = self.schedule(epoch)
@@ -412,7 +450,14 @@ class CSQ(Method):
             self._beta = layers[0].beta.new_tensor(self.beta)
             for layer in layers:
                 layer._buffers["beta"] = self._beta
+            if self.bit_beta_max is not None:
+                self._bit_beta = self._beta.new_tensor(1.0)
+                for layer in layers:
+                    layer.bit_beta = self._bit_beta
         self._beta.fill_(self.beta)
+        self.bit_beta = self.bit_schedule(epoch)
+        if self._bit_beta is not None:
+            self._bit_beta.fill_(self.bit_beta)
         if self.min_layer_bits and not self.mask_frozen:     # while the mask can move, and as it is frozen
             for layer in self.layers():
                 keep_min_bits(layer, self.min_layer_bits, max(self.mask_init, 0.2))
@@ -504,17 +549,19 @@ class CSQUniform(CSQ):
     name = "csq-uniform"
     mixed = False
     warm_start = False
-    options = tuple(o for o in CSQ.options if o.name in ("beta_max", "beta_saturate", "init_logit", "bit_logit_bound"))
+    options = tuple(o for o in CSQ.options
+                    if o.name in ("beta_max", "bit_beta_max", "beta_saturate", "init_logit", "bit_logit_bound"))
 
     @classmethod
     def from_config(cls, cfg, net):
         return cls(cfg.act_bits, cfg.weight_bits, cfg.epochs, cfg.beta_max, cfg.init_logit, cfg.beta_saturate,
-                   cfg.bit_logit_bound)
+                   cfg.bit_logit_bound, cfg.bit_beta_max)
 
     def __init__(self, act_bits: int, weight_bits: int, epochs: int, beta_max: float = 200.0,
-                 init_logit: float = 2.0, beta_saturate: float = 1.0, bit_logit_bound: float = 0.0):
+                 init_logit: float = 2.0, beta_saturate: float = 1.0, bit_logit_bound: float = 0.0,
+                 bit_beta_max: float | None = None):
         super().__init__(act_bits, weight_bits - 1, epochs, 0, 0.0, beta_max, init_logit, 1.0, 0,
-                         "budget", beta_saturate, 0.0, (), bit_logit_bound)
+                         "budget", beta_saturate, 0.0, (), bit_logit_bound, bit_beta_max)
 
     def regularizer(self):
         return torch.zeros((), device=self.layers()[0].scale.device)

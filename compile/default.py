@@ -1,0 +1,166 @@
+"""The default lowering: every op kind in the graph's NCHW layout, one TIR kernel per op.
+
+Each op becomes one kernel built with TE/topi through `ctx.emit_kernel` (BlockBuilder.emit_te);
+compile/schedule.py gives it a generic CPU schedule later. Its integer semantics are exactly
+those of the golden interpreter (`mixq.graph`, docs/integer-contract.md):
+
+    conv2d / linear   int32 accumulation of the (int8|uint8) input times the (int8|int16)
+                      weight, + int32 bias; then either raw int32 or requantized:
+    requantization    y = clip((acc * M + 2^(s-1)) >> s, 0, 2^bits - 1) in int64, -> uint8
+    add               sum_i rq(x_i, M_i, s_i) in int64, clip, -> uint8
+    avgpool           zero-padded int32 window sum, rq, clip
+    maxpool           max over zero-padded windows (zero, not -inf: the contract's padding)
+    flatten           reshape NCHW -> N(CHW)
+
+Weights, biases and multipliers are NumPy arrays baked into the library as constants (sub-byte
+weights arrive unpacked from `graph.load`, so the wrong-results `int4` dtype never appears).
+Every op kind has a lowering here, so any op another strategy declines ends here.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax, te, tirx, topi
+
+from mixq import graph as G
+from mixq.compile.registry import register
+
+
+# ----------------------------------------------------------------------------- arithmetic
+def per_channel(values, channels: int, dtype) -> np.ndarray:
+    """A multiplier/shift array with 1 or `channels` values -> exactly `channels` values."""
+    v = np.asarray(values).astype(np.int64).reshape(-1)
+    return np.broadcast_to(v, (channels,)).astype(dtype)
+
+
+def requant_constants(multiplier, shift, channels: int) -> tuple[relax.Constant, relax.Constant, relax.Constant]:
+    """(M, 2^(s-1), s) as int64 constants, one per channel: rq's rounding term is computed
+    here once instead of per element."""
+    m = per_channel(multiplier, channels, np.int64)
+    s = per_channel(shift, channels, np.int64)
+    return (relax.const(m, "int64"), relax.const(np.left_shift(np.int64(1), s - 1), "int64"),
+            relax.const(s, "int64"))
+
+
+def _rq(acc64, m, r, s, c):
+    """graph.rq for one element: (x * M + 2^(s-1)) >> s, x int64, channel index c."""
+    return (acc64 * m[c] + r[c]) >> s[c]
+
+
+def _clip_u8(y64, bits: int):
+    hi = tirx.const((1 << bits) - 1, "int64")
+    return te.max(te.min(y64, hi), tirx.const(0, "int64")).astype("uint8")
+
+
+# ----------------------------------------------------------------------------- conv / linear
+def _finish_te(acc, bias, req, out_bits: int | None):
+    """acc (int32) + bias -> raw int32, or requantized uint8 when `req` holds (M, R, S)."""
+    def raw(*i):
+        return acc(*i) + bias[i[1]]
+
+    if req is None:
+        return te.compute(acc.shape, raw, name="raw")
+    m, r, s = req
+
+    def requant(*i):
+        x = acc(*i).astype("int64") + bias[i[1]].astype("int64")
+        return _clip_u8(_rq(x, m, r, s, i[1]), out_bits)
+    return te.compute(acc.shape, requant, name="requant")
+
+
+def _weight_layer_args(op: G.Op):
+    channels = op.arrays["weight"].shape[0]
+    args = [relax.const(op.arrays["weight"]), relax.const(op.arrays["bias"].astype(np.int32), "int32")]
+    if "multiplier" in op.arrays:
+        args += requant_constants(op.arrays["multiplier"], op.arrays["shift"], channels)
+    return args
+
+
+@register("conv2d", "default")
+def lower_conv2d(ctx, op: G.Op, inputs):
+    a = op.attrs
+    stride, padding, groups = a["stride"], a["padding"], a.get("groups", 1)
+    out_bits = a.get("out_bits")
+
+    def conv(x, w, b, *req):
+        acc = topi.nn.conv(x, w, stride, padding, 1, groups, "NCHW", "OIHW", out_dtype="int32")
+        return _finish_te(acc, b, req or None, out_bits)
+    return ctx.emit_kernel(conv, inputs[0], *_weight_layer_args(op), name=op.name)
+
+
+@register("linear", "default")
+def lower_linear(ctx, op: G.Op, inputs):
+    out_bits = op.attrs.get("out_bits")
+
+    def linear(x, w, b, *req):
+        acc = topi.nn.dense(x, w, out_dtype="int32")
+        return _finish_te(acc, b, req or None, out_bits)
+    return ctx.emit_kernel(linear, inputs[0], *_weight_layer_args(op), name=op.name)
+
+
+# ----------------------------------------------------------------------------- add / pools
+@register("add", "default")
+def lower_add(ctx, op: G.Op, inputs):
+    channels = ctx.tensor(op.inputs[0]).shape[0]
+    consts = []
+    for i in range(len(inputs)):
+        consts += requant_constants(op.arrays[f"multiplier{i}"], op.arrays[f"shift{i}"], channels)
+    out_bits, k = op.attrs["out_bits"], len(inputs)
+
+    def add(*args):
+        xs, req = args[:k], args[k:]
+
+        def body(*i):
+            total = None
+            for j, x in enumerate(xs):
+                m, r, s = req[3 * j:3 * j + 3]
+                term = _rq(x(*i).astype("int64"), m, r, s, i[1])
+                total = term if total is None else total + term
+            return _clip_u8(total, out_bits)
+        return te.compute(xs[0].shape, body, name="add")
+    return ctx.emit_kernel(add, *inputs, *consts, name=op.name)
+
+
+def _zero_padded_windows(x, kernel: int, stride: int, padding: int, name: str):
+    """(padded x, output shape, reduce axes ry, rx): windows padded with zeros (the contract)."""
+    xp = topi.nn.pad(x, [0, 0, padding, padding], [0, 0, padding, padding], pad_value=0) if padding else x
+    n, c, h, w = x.shape
+    ho = (h + 2 * padding - kernel) // stride + 1
+    wo = (w + 2 * padding - kernel) // stride + 1
+    ry = te.reduce_axis((0, kernel), name=f"{name}_ry")
+    rx = te.reduce_axis((0, kernel), name=f"{name}_rx")
+    return xp, (n, c, ho, wo), ry, rx
+
+
+@register("avgpool", "default")
+def lower_avgpool(ctx, op: G.Op, inputs):
+    a = op.attrs
+    channels = ctx.tensor(op.inputs[0]).shape[0]
+    m, r, s = requant_constants(op.arrays["multiplier"], op.arrays["shift"], channels)
+    # window sums fit int32 easily (8-bit values, small windows); graph.value_bounds bounds them
+    k, stride, padding, out_bits = a["kernel"], a["stride"], a.get("padding", 0), a["out_bits"]
+
+    def avgpool(x, m, r, s):
+        xp, shape, ry, rx = _zero_padded_windows(x, k, stride, padding, "pool")
+        total = te.compute(shape, lambda b, c, i, j: te.sum(
+            xp[b, c, i * stride + ry, j * stride + rx].astype("int32"), axis=[ry, rx]), name="window_sum")
+        return te.compute(shape, lambda b, c, i, j: _clip_u8(
+            _rq(total[b, c, i, j].astype("int64"), m, r, s, c), out_bits), name="avgpool")
+    return ctx.emit_kernel(avgpool, inputs[0], m, r, s, name=op.name)
+
+
+@register("maxpool", "default")
+def lower_maxpool(ctx, op: G.Op, inputs):
+    a = op.attrs
+    k, stride, padding = a["kernel"], a["stride"], a.get("padding", 0)
+
+    def maxpool(x):
+        xp, shape, ry, rx = _zero_padded_windows(x, k, stride, padding, "pool")
+        return te.compute(shape, lambda b, c, i, j: te.max(
+            xp[b, c, i * stride + ry, j * stride + rx], axis=[ry, rx]), name="maxpool")
+    return ctx.emit_kernel(maxpool, inputs[0], name=op.name)
+
+
+@register("flatten", "default")
+def lower_flatten(ctx, op: G.Op, inputs):
+    features = int(np.prod(ctx.tensor(op.inputs[0]).shape))
+    return ctx.bb.emit(relax.op.reshape(inputs[0], (ctx.batch, features)))
