@@ -202,12 +202,12 @@ def test_regularizer_is_the_papers_budget_term_and_can_be_negative():
     method.on_step(2.5)
     set_mask(model.conv, {7, 6, 5, 4, 3})          # 5 bits
     set_mask(model.fc, {7})                        # 1 bit: average 3 = target
-    assert float(method.regularizer()) == 0.0
+    assert float(method.regularizer().detach()) == 0.0
     set_mask(model.fc, {7, 6, 5})                  # average 4: one bit over budget
     beta = method.beta
     gates = sum(torch.sigmoid(beta * l.bit_mask_logits).sum() for l in (model.conv, model.fc))
     reg = method.regularizer()
-    assert math.isclose(float(reg), 0.01 * (4 - 3) * float(gates), rel_tol=1e-6)
+    assert math.isclose(float(reg.detach()), 0.01 * (4 - 3) * float(gates.detach()), rel_tol=1e-6)
     reg.backward()
     assert (model.fc.bit_mask_logits.grad > 0).all()           # descent lowers every mask logit
     for l in (model.conv, model.fc):
@@ -231,7 +231,7 @@ def test_beta_anneals_exponentially_then_rewinds_for_finetune():
     assert betas[0] == 1.0 and betas[10] == 1.0                                  # beta0 = 1, rewound
     assert betas[5] == pytest.approx(200 ** 0.5) and betas[2.5] == pytest.approx(200 ** 0.25)
     assert betas[9.99] == pytest.approx(200, rel=0.01) and betas[13.999] == pytest.approx(200, rel=0.01)
-    assert float(method.regularizer()) == 0.0                                    # mask frozen
+    assert float(method.regularizer().detach()) == 0.0                                    # mask frozen
 
 
 def test_harden_switches_every_layer_to_its_integer_weights():
@@ -368,7 +368,7 @@ def test_beta_saturates_and_the_mask_hardens_without_a_rewind():
     assert not model.conv.frozen
     method.on_step(8.0)                                   # mask final: exact steps, beta stays at its max
     assert model.conv.frozen and model.fc.frozen and method.beta == pytest.approx(200)
-    assert float(method.regularizer()) == 0.0
+    assert float(method.regularizer().detach()) == 0.0
     # every layer shares one beta tensor, filled once per step
     assert model.conv.beta is model.fc.beta and float(model.conv.beta) == pytest.approx(200)
 
@@ -442,7 +442,7 @@ def test_csq_uniform_keeps_the_top_planes_under_a_frozen_mask():
         assert layer.bit_info().storage_bits == 4
         q, _ = layer.integer_weight()
         assert int(q.abs().max()) <= 7
-    assert float(method.regularizer()) == 0.0
+    assert float(method.regularizer().detach()) == 0.0
     method.on_step(4.9)
     assert method.beta == pytest.approx(200 ** (4.9 / 5))      # annealed over all the epochs
 

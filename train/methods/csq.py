@@ -330,8 +330,9 @@ class CSQ(Method):
     options = (
         Option("lam", 0.01, "csq: budget regularizer strength", flag="--lambda"),
         Option("beta_max", 200.0, "CSQ: final gate temperature"),
-        Option("bit_beta_max", 20.0, "CSQ: final temperature of the bit gates m_p, m_n on the same curve "
-               "(default: --beta-max)"),
+        Option("bit_beta_max", 20.0, "CSQ: temperature the bit gates m_p, m_n reach while the mask is searched "
+               "(the same curve as beta), then catch up with --beta-max once the mask is final "
+               "(--recipe paper: one temperature for all gates)"),
         Option("beta_saturate", 1.0, "CSQ: beta reaches --beta-max at this fraction of the search (1: the last epoch)"),
         Option("mask_hard_at", 0.8, "CSQ: from this fraction of the search on, the bit mask is an exact step (1: never)"),
         Option("csq_init", "full", "CSQ: full (default: all 8 bits kept, precision then prunes to the target, as "
