@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from mixq import fsio
+from mixq.errors import MixqError
+
 ROOT = Path(__file__).resolve().parents[1]
 MIXQ = [sys.executable, "-m", "mixq.cli"]
 
@@ -50,6 +53,10 @@ PAIRS = ([(CSQ3, ("ste-uniform", None, 4, "mixq")), (CSQ3, ("bsq", 3, None, "mix
          + [(("csq", t, None, "mixq"), ("csq", t + 1, None, "mixq")) for t in (1, 2, 3, 4)]
          + [(("ste-uniform", None, k, "mixq"), ("csq-uniform", None, k, "mixq")) for k in (2, 3, 4)])
 CLOSE = 1.0     # accuracy points
+
+
+class StudyError(MixqError, RuntimeError):
+    """The study's results could not be written (a full disk, no permission), in one line."""
 
 
 def row_name(method, target, wbits, recipe, seed) -> str:
@@ -142,9 +149,7 @@ def write(rows, args):
             "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "rows_planned": len(GRID), "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / ".study.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, args.out / "study.json")
+    fsio.write_text(args.out / "study.json", json.dumps(meta, indent=1) + "\n", StudyError)
     lines = [f"# CSQ study: ResNet-20 on CIFAR-10 at CPU scale", "",
              f"`{meta['command']}` on {meta['machine']}; {args.train_images} training images, the full "
              f"10,000-image test set, {args.epochs} epochs, batch {args.batch_size} (the paper recipe: 256), "
@@ -159,9 +164,7 @@ def write(rows, args):
                      f"{'yes' if r['bit_exact'] else 'NO'} | {fmt(r['avg_bits'])} | {fmt(r['paper_comp'], '%.1f')} | "
                      f"{fmt(r['storage_bits'])} |")
     lines += ["", "## The issue's targets, as measured (mean over seeds)", ""] + checks(rows)
-    tmp = args.out / ".study.md.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, args.out / "study.md")
+    fsio.write_text(args.out / "study.md", "\n".join(lines) + "\n", StudyError)
     plot(rows, args.out / "study.png")
 
 
@@ -212,10 +215,7 @@ def plot(rows, path: Path):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(".study.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    fsio.save_png(fig, path, StudyError)
 
 
 def main():

@@ -23,3 +23,29 @@ def test_close_pairs_get_a_second_seed_and_targets_are_checked(study):
     assert "ste-uniform W4 (same storage) minus 2: met (71.00 vs 70.50)" in lines     # mean over seeds
     assert "bsq T3 minus 1: MISSED (71.00 vs 75.00)" in lines
     assert "rises with the target within noise (1.0 point): met" in lines
+
+
+def test_results_are_written_atomically_and_a_full_disk_is_one_line(study, tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    import pytest
+
+    rows = [{**row("csq", 3, None, 70.0), "act_bits": 8, "relaxed_accuracy": 70.1, "int_accuracy": 70.0,
+             "bit_exact": True, "paper_comp": 32 / 3, "storage_bits": 3.9},
+            {**row("ste-uniform", None, 4, 71.0), "act_bits": 8, "relaxed_accuracy": None, "int_accuracy": 71.0,
+             "bit_exact": True, "paper_comp": 32 / 3, "storage_bits": 4.0}]
+    monkeypatch.setattr(study, "machine", lambda: "a test machine")     # (bench/machine.py: run as a script)
+    args = argparse.Namespace(out=tmp_path / "docs", epochs=20, train_images=20000, act_bits=8, batch_size=128)
+    study.write(rows, args)
+    assert sorted(p.name for p in args.out.iterdir()) == ["study.json", "study.md", "study.png"]
+    assert [r["method"] for r in json.loads((args.out / "study.json").read_text())["rows"]] == ["ste-uniform", "csq"]
+    assert "| csq | mixq | 3 |" in (args.out / "study.md").read_text()
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(study.fsio, "is_disk_full", lambda e, where: True)
+    monkeypatch.setattr("pathlib.Path.write_text", full)
+    with pytest.raises(study.StudyError, match="no space left on device writing .*study.json"):
+        study.write(rows, args)
+    assert sorted(p.name for p in args.out.iterdir()) == ["study.json", "study.md", "study.png"]     # no temp left
