@@ -26,6 +26,7 @@ int8 at opset 13. 9-bit weights (all 8 CSQ bits kept) are int16 (opset 21) or, a
 which has no int16 DequantizeLinear, a float32 initializer holding the same values."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -224,7 +225,7 @@ class _Exporter:
         self.node("Identity", [final], "logits")
         out_shape = ["N", *g.tensors[g.output].shape]
         graph = helper.make_graph(
-            self.nodes, g.model.replace("-", "_"),
+            self.nodes, re.sub(r"\W", "_", g.model),          # a user model's spec: FILE.py:FUNCTION
             [helper.make_tensor_value_info("input", TP.FLOAT, ["N", *t.shape])],
             [helper.make_tensor_value_info("logits", TP.FLOAT, out_shape)], self.inits)
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", self.opset)],

@@ -1,6 +1,7 @@
 """The checkpoint: what a run leaves for --resume and for freeze.
 
-RUN_DIR/checkpoint.pt   {"model", "config", "epoch", "optimizers", "schedulers", "history"} and,
+RUN_DIR/checkpoint.pt   {"model", "config", "epoch", "optimizers", "schedulers", "history"}, for a
+                        user model its source ("model_source": models.model_source), and,
                         once the run has finished, "metrics": its training facts (TRAINING_FACTS,
                         what freeze records in the frozen manifest for deploy to report)
                         (loads with torch.load(weights_only=True); written atomically per epoch)
@@ -44,7 +45,7 @@ def restore_model(ckpt: dict, path="checkpoint"):
     """Rebuild (model, method, config) from a checkpoint: the one path used by resume and freeze."""
     try:
         cfg = TrainConfig.from_dict(ckpt["config"])
-        model, method = build(cfg)
+        model, method = build(cfg, source=ckpt.get("model_source"))
         model.load_state_dict(ckpt["model"])
     except (ValueError, RuntimeError, TypeError, KeyError, AttributeError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -79,7 +80,8 @@ def save_checkpoint(path: Path, model, cfg: TrainConfig, epoch: int, history: li
                      "config": cfg.to_dict(), "epoch": epoch, "history": history,
                      "optimizers": {k: o.state_dict() for k, o in opts.items()},
                      "schedulers": {k: s.state_dict() for k, s in scheds.items()},
-                     **({"metrics": metrics} if metrics is not None else {})}, path, TrainError)
+                     **({"metrics": metrics} if metrics is not None else {}),
+                     **({"model_source": model.source} if getattr(model, "source", None) else {})}, path, TrainError)
 
 
 def config_facts(cfg: TrainConfig) -> dict:

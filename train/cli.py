@@ -17,7 +17,8 @@ def add_arguments(p):
     p.argument_default = argparse.SUPPRESS          # unset options: recipe, then TrainConfig default
     mixed = [n for n, m in METHODS.items() if m.mixed]
     fixed = [n for n, m in METHODS.items() if not m.mixed]
-    p.add_argument("--model", help="digits-cnn | resnet20 | vgg19bn | resnet18 | resnet50")
+    p.add_argument("--model", help="digits-cnn | resnet20 | vgg19bn | resnet18 | resnet50 (the zoo), or your own: "
+                   "FILE.py:FUNCTION or package.module:FUNCTION, FUNCTION(num_classes) returning a float nn.Module")
     p.add_argument("--dataset", help="digits (bundled) | cifar10 | imagenet")
     p.add_argument("--data-dir", help="dataset location (cifar10: ImageFolder dir or .tar.gz)")
     p.add_argument("--method", help=f"{' | '.join(mixed)} (mixed precision under --target-bits) | "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from mixq.models import build_model
+from mixq.models import build_model, model_source
 from mixq.train import methods, quant, surgery
 from mixq.train.errors import ConfigError
 from mixq.train.methods import METHODS
@@ -86,9 +86,10 @@ class CommonConfig:
 
     def validate(self):
         from mixq.data import DATASETS
-        from mixq.models import MODELS
-        if self.model not in MODELS:
-            raise ConfigError(f"--model {self.model}: unknown model '{self.model}' (choose from: {', '.join(MODELS)})")
+        from mixq.models import MODELS, is_user_model
+        if self.model not in MODELS and not is_user_model(self.model):
+            raise ConfigError(f"--model {self.model}: unknown model '{self.model}' (choose from: {', '.join(MODELS)}, "
+                              "or FILE.py:FUNCTION or package.module:FUNCTION for your own)")
         if self.dataset not in DATASETS:
             raise ConfigError(f"--dataset {self.dataset}: unknown dataset '{self.dataset}' (choose from: {', '.join(DATASETS)})")
         if self.method not in METHODS:
@@ -134,14 +135,18 @@ TrainConfig.__module__ = __name__
 TrainConfig.__doc__ = "A training run's configuration: CommonConfig's fields and the methods' options."
 
 
-def build(cfg: TrainConfig, init_weights: str | None = None):
+def build(cfg: TrainConfig, init_weights: str | None = None, source: dict | None = None):
     """(QuantModel, method) for a config; weights are whatever the builder initializes, or the
-    float weights of `init_weights` (see load_float_weights) before the method converts them."""
-    net = build_model(cfg.model, cfg.num_classes)
+    float weights of `init_weights` (see load_float_weights) before the method converts them.
+    A user model (--model FILE.py:FUNCTION) is built from `source` (a checkpoint's record) when
+    given, else from its file; the model carries that record (`model.source`) for the checkpoint."""
+    source = source or model_source(cfg.model)
+    net = build_model(cfg.model, cfg.num_classes, source)
     if init_weights:
         load_float_weights(net, init_weights, cfg.model)
     method = cfg.method_class().from_config(cfg, net)
     model = quant.QuantModel(method.prepare(net))
+    model.source = source
     surgery.check_activations(model, cfg.act_bits, cfg.model)
     return model, method
 
