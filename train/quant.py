@@ -150,6 +150,18 @@ def best_clip(w: torch.Tensor, bits: int) -> torch.Tensor:
     return best
 
 
+def float_twin(cls, m: nn.Module) -> nn.Module:
+    """A `cls` layer (a method's Conv2d or Linear subclass) with the geometry, device and float
+    weights of `m`: what every method's from_float starts from, before adding its parameters."""
+    if isinstance(m, nn.Conv2d):
+        q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
+                m.groups, m.bias is not None, device=m.weight.device)
+    else:
+        q = cls(m.in_features, m.out_features, m.bias is not None, device=m.weight.device)
+    q.load_state_dict(m.state_dict())
+    return q
+
+
 def quant_layers(model: nn.Module):
     """(name, layer) for every quantized weight layer, in definition order."""
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "integer_weight")]

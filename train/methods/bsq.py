@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixq.train.methods.base import Method, Option
-from mixq.train.quant import N_BITS, BitInfo, round_ste
+from mixq.train.quant import N_BITS, BitInfo, float_twin, round_ste
 
 LEVELS = 2 ** N_BITS - 1
 CALIBRATION_IMAGES = 128        # first training images; the loss that ranks planes to remove
@@ -134,9 +134,7 @@ def binary_planes(mag: torch.Tensor) -> torch.Tensor:
 class BSQConv2d(BSQMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, m: nn.Conv2d):
-        q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                m.groups, m.bias is not None, device=m.weight.device)
-        q.load_state_dict(m.state_dict())
+        q = float_twin(cls, m)
         q._init_bsq()
         return q
 
@@ -147,8 +145,7 @@ class BSQConv2d(BSQMixin, nn.Conv2d):
 class BSQLinear(BSQMixin, nn.Linear):
     @classmethod
     def from_float(cls, m: nn.Linear):
-        q = cls(m.in_features, m.out_features, m.bias is not None, device=m.weight.device)
-        q.load_state_dict(m.state_dict())
+        q = float_twin(cls, m)
         q._init_bsq()
         return q
 

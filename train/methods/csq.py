@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from mixq.train import quant
 from mixq.train.errors import ConfigError
 from mixq.train.methods.base import Method, Option
-from mixq.train.quant import N_BITS, BitInfo, best_clip
+from mixq.train.quant import N_BITS, BitInfo, best_clip, float_twin
 
 UNDECIDED = 3.0         # |beta * logit| below this: the gate is not yet a step (see CSQMixin.undecided)
 
@@ -148,7 +148,8 @@ class CSQMixin:
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.frozen = bool(self.mask_frozen)
+        if "mask_frozen" in self._buffers:        # not while from_float copies the float layer
+            self.frozen = bool(self.mask_frozen)
 
     def kept_mask(self) -> torch.Tensor:
         """[8] bool: the bit positions the layer keeps, m_B[b] >= 0 (the paper's hard count)."""
@@ -229,12 +230,7 @@ class CSQMixin:
 class CSQConv2d(CSQMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, m: nn.Conv2d, init_logit: float, mask_init: float, init_bits: int | None = None):
-        q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                m.groups, m.bias is not None, device=m.weight.device)
-        with torch.no_grad():
-            q.weight.copy_(m.weight)
-            if m.bias is not None:
-                q.bias.copy_(m.bias)
+        q = float_twin(cls, m)
         q._init_csq(init_logit, mask_init, init_bits)
         return q
 
@@ -245,11 +241,7 @@ class CSQConv2d(CSQMixin, nn.Conv2d):
 class CSQLinear(CSQMixin, nn.Linear):
     @classmethod
     def from_float(cls, m: nn.Linear, init_logit: float, mask_init: float, init_bits: int | None = None):
-        q = cls(m.in_features, m.out_features, m.bias is not None, device=m.weight.device)
-        with torch.no_grad():
-            q.weight.copy_(m.weight)
-            if m.bias is not None:
-                q.bias.copy_(m.bias)
+        q = float_twin(cls, m)
         q._init_csq(init_logit, mask_init, init_bits)
         return q
 

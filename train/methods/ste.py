@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mixq.train.methods.base import Method
-from mixq.train.quant import BitInfo, round_ste
+from mixq.train.quant import BitInfo, float_twin, round_ste
 
 
 class STEMixin:
@@ -45,9 +45,7 @@ class STEMixin:
 class STEConv2d(STEMixin, nn.Conv2d):
     @classmethod
     def from_float(cls, m: nn.Conv2d, bits: int):
-        q = cls(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
-                m.groups, m.bias is not None, device=m.weight.device)
-        q.load_state_dict(m.state_dict())
+        q = float_twin(cls, m)
         q._init_ste(bits)
         return q
 
@@ -58,8 +56,7 @@ class STEConv2d(STEMixin, nn.Conv2d):
 class STELinear(STEMixin, nn.Linear):
     @classmethod
     def from_float(cls, m: nn.Linear, bits: int):
-        q = cls(m.in_features, m.out_features, m.bias is not None, device=m.weight.device)
-        q.load_state_dict(m.state_dict())
+        q = float_twin(cls, m)
         q._init_ste(bits)
         return q
 
