@@ -62,20 +62,59 @@ class Sum:
 def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: dict | None = None) -> G.IntGraph:
     """A hardened QuantModel -> IntGraph (validated, overflow-proven). The model is read on
     the CPU in eval mode and handed back on its device and in its mode."""
+    return _walk(model, model_name, input_shape).finish(meta or {})
+
+
+def unsupported(model: nn.Module, model_name: str, input_shape: tuple) -> list[str]:
+    """Every reason freeze would refuse `model`'s structure, one per op, without stopping at the
+    first (what TVM's ONNX frontend does with unsupported operators): `mixq train` runs it on
+    the untrained model, so a net with ops freeze cannot take is refused before any training,
+    in one message. An op fed by a refused one is not reported again. Checks that depend on
+    trained values (the overflow proof, finite folded scales) are freeze's, after training."""
+    problems = []
+    _walk(model, model_name, input_shape, problems)
+    return problems
+
+
+class _Unknown:
+    """The value of an op freeze refused, while collecting: what consumes it is skipped."""
+
+
+def _walk(model: nn.Module, model_name: str, input_shape: tuple, problems: list | None = None) -> "_Builder":
+    """The builder after visiting every node of the traced model. problems=None: the first
+    refusal raises; a list: refusals are appended and the walk goes on. The model is read on
+    the CPU in eval mode and handed back on its device and in its mode."""
     device = next(model.parameters(), torch.empty(0)).device
     was_training = model.training
     model.cpu().eval()
+    b = _Builder(model_name, tuple(input_shape))
     try:
         try:
             fx_graph = Tracer().trace(model)
         except Exception as e:
-            raise FreezeError(f"model '{model_name}' cannot be traced for freezing ({type(e).__name__}: {str(e)[:120]})") from None
+            error = FreezeError(f"model '{model_name}' cannot be traced by torch.fx, which freeze needs "
+                                f"({type(e).__name__}: {str(e)[:160]})")
+            if problems is None:
+                raise error from None
+            problems.append(str(error))
+            return b
         modules = dict(model.named_modules())
-        b = _Builder(model_name, tuple(input_shape))
         env = {}
         for node in fx_graph.nodes:
-            env[node.name] = b.visit(node, modules, env)
-        return b.finish(meta or {})
+            if problems is not None and any(isinstance(env.get(a.name), _Unknown) for a in node.all_input_nodes):
+                refusal = _refusal(node, modules)
+                if refusal:
+                    problems.append(refusal)
+                env[node.name] = _Unknown()
+                continue
+            try:
+                env[node.name] = b.visit(node, modules, env)
+            except FreezeError as e:
+                if problems is None:
+                    raise
+                problems.append(str(e))
+                env[node.name] = _Unknown()
+        return b
     finally:
         model.to(device).train(was_training)
 
@@ -86,6 +125,46 @@ def _check_finite(layer: str, what: str, *values, positive: bool = False):
     if not all(np.isfinite(a).all() and (not positive or (a > 0).all()) for a in arrays):
         raise FreezeError(f"layer '{layer}': {what} has NaN or inf values{' or is not positive' if positive else ''} "
                           "(diverged or damaged weights?)")
+
+
+# What freeze has a rule for, besides the modules of _MODULES and quantized weight layers.
+_FUNCTIONS = {operator.add: "add", torch.add: "add", torch.flatten: "flatten", torch.reshape: "reshape"}
+_METHODS = {"add": "add", "flatten": "flatten", "view": "reshape", "reshape": "reshape", "size": "size"}
+_MODULES = (quant.InputQuant, quant.ActQuant, nn.BatchNorm2d, nn.BatchNorm1d, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
+            nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+
+
+class _Batch:
+    """x.size(0): the batch dimension, as a view/reshape argument."""
+
+
+def _where(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return f" in '{list(stack.values())[-1][0]}'" if stack else ""
+
+
+def _refusal(node, modules) -> str | None:
+    """Why freeze has no rule for `node`'s op (one line naming it and its module), or None.
+    Decided from the op alone, so an op fed by a refused one is still judged (unsupported())."""
+    if node.op in ("placeholder", "output"):
+        return None
+    if node.op == "call_module":
+        m = modules[node.target]
+        if isinstance(m, _MODULES) or hasattr(m, "integer_weight"):
+            return None
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            return f"layer '{node.target}' ({type(m).__name__}) has float weights: it was not quantized"
+        return f"layer '{node.target}' ({type(m).__name__}) is not supported by freeze"
+    if node.op == "call_function" and node.target in _FUNCTIONS or node.op == "call_method" and node.target in _METHODS:
+        return None
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        what = "F." + name if getattr(nn.functional, name, None) is node.target else \
+            "torch." + name if getattr(torch, name, None) is node.target else \
+            f"{getattr(node.target, '__module__', None) or '?'}.{name}".replace("_operator.", "operator.")
+    else:
+        what = f"Tensor.{node.target}" if node.op == "call_method" else f"{node.op} {node.target}"
+    return f"operation '{node.name}' ({what}{_where(node)}) is not supported by freeze"
 
 
 class _Builder:
@@ -145,21 +224,26 @@ class _Builder:
 
     # -- nodes ---------------------------------------------------------------------------
     def visit(self, node, modules, env):
+        refusal = _refusal(node, modules)
+        if refusal:
+            raise FreezeError(refusal)
         arg = lambda i: env[node.args[i].name] if isinstance(node.args[i], torch.fx.Node) else node.args[i]
         if node.op == "placeholder":
             return "input"
         if node.op == "output":
             return self._output(env[node.args[0].name])
         if node.op == "call_module":
-            m = modules[node.target]
-            return self._module(node.target, m, arg(0))
-        if node.op == "call_function" and node.target in (operator.add, torch.add):
+            return self._module(node.target, modules[node.target], arg(0))
+        kind = _FUNCTIONS.get(node.target) if node.op == "call_function" else _METHODS.get(node.target)
+        if kind == "add":
             return self._add(node.name, arg(0), arg(1))
-        if (node.op == "call_function" and node.target is torch.flatten) or \
-                (node.op == "call_method" and node.target == "flatten"):
+        if kind == "flatten":
             return self._flatten(node.name, arg(0))
-        raise FreezeError(f"operation '{node.name}' ({node.op} {getattr(node.target, '__name__', node.target)}) "
-                          "is not supported by freeze")
+        if kind == "size":
+            if node.args[1:] != (0,) or node.kwargs:
+                raise FreezeError(f"operation '{node.name}': only x.size(0), the batch, is supported")
+            return _Batch()
+        return self._reshape(node.name, arg(0), [arg(i) for i in range(1, len(node.args))])
 
     def _module(self, name, m, x):
         if isinstance(m, quant.InputQuant):
@@ -179,11 +263,7 @@ class _Builder:
             return self._maxpool(name, m, x)
         if isinstance(m, nn.Flatten):
             return self._flatten(name, x)
-        if isinstance(m, (nn.Identity, nn.Dropout)):
-            return x
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            raise FreezeError(f"layer '{name}' ({type(m).__name__}) has float weights: it was not quantized")
-        raise FreezeError(f"layer '{name}' ({type(m).__name__}) is not supported by freeze")
+        return x                                            # nn.Identity, nn.Dropout (see _refusal)
 
     def _need_quant(self, name, x):
         if not isinstance(x, Quant):
@@ -307,6 +387,14 @@ class _Builder:
         t = self.tensors[x.name]
         out = self._emit(name, "maxpool", [x.name], shape, t.dtype, t.bits, x.scale, {"kernel": k, "stride": s, "padding": p})
         return Quant(out.name, x.scale, shape)
+
+    def _reshape(self, name, x, shape):
+        """x.view(x.size(0), -1), x.reshape(N, C*H*W)...: a flatten; any other reshape is refused."""
+        x = self._need_quant(name, x)
+        rest = shape[1:] if shape and isinstance(shape[0], (_Batch, int)) else None
+        if rest is None or len(rest) != 1 or rest[0] not in (-1, int(np.prod(x.shape))):
+            raise FreezeError(f"operation '{name}': only a reshape to (batch, -1), a flatten, is supported")
+        return self._flatten(name, x)
 
     def _flatten(self, name, x):
         x = self._need_quant(name, x)

@@ -16,14 +16,31 @@ def integer_metrics(model, cfg, spec) -> dict:
     return intsim.integer_accuracy(model, cfg.model, cfg.input_shape, cfg.act_bits, spec.test, spec.workers)
 
 
+def freezable(model, method, cfg):
+    """`check` for train.loop.train: the untrained model, hardened, walked by freeze; every op
+    freeze would refuse after training is named now, in one FreezeError (exit 2), before any
+    epoch. Float activations (--act-bits 32) make a reference run that is never frozen."""
+    from mixq import freeze
+    if cfg.act_bits >= 32:
+        return
+    method.harden(True)
+    try:
+        problems = freeze.unsupported(model, cfg.model, cfg.input_shape)
+    finally:
+        method.harden(False)
+    if problems:
+        raise freeze.FreezeError(f"model '{cfg.model}' cannot become an integer program, nothing was trained; "
+                                 f"{len(problems)} problem{'s' * (len(problems) > 1)}: " + "; ".join(problems))
+
+
 def train(cfg, out_dir: str, resume: bool = False) -> dict:
-    """train.loop.train with the integer metrics: what `mixq train` runs."""
+    """train.loop.train with the integer metrics and the freeze check: what `mixq train` runs."""
     from mixq.train.loop import train as train_loop
-    return train_loop(cfg, out_dir, resume, evaluate=integer_metrics)
+    return train_loop(cfg, out_dir, resume, evaluate=integer_metrics, check=freezable)
 
 
 add_arguments = cli.add_arguments
 
 
 def run(args) -> int:
-    return cli.run(args, evaluate=integer_metrics)
+    return cli.run(args, evaluate=integer_metrics, check=freezable)

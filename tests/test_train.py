@@ -231,30 +231,37 @@ def test_torch_compile_trains(tmp_path):
     assert m["epochs"] == 10 and m["accuracy"] > 85, m              # compiled: 97.8 %, eager 98.1 %
 
 
-class Relu6CNN(torch.nn.Module):
-    """digits-cnn's shape with activations layer surgery does not quantize: a ReLU6 module and a
-    functional relu."""
+class GeluCNN(torch.nn.Module):
+    """digits-cnn's shape with ops freeze has no rule for: a GELU module, F.silu, torch.cat."""
 
     def __init__(self, num_classes=10):
         super().__init__()
         self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
-        self.act1 = torch.nn.ReLU6()
+        self.act1 = torch.nn.GELU()
         self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(8 * 64, num_classes)
+        self.fc = torch.nn.Linear(16 * 64, num_classes)
 
     def forward(self, x):
-        x = torch.nn.functional.relu(self.conv2(self.act1(self.conv1(x))))
+        x = self.act1(self.conv1(x))
+        x = torch.cat([torch.nn.functional.silu(self.conv2(x)), x], 1)
         return self.fc(torch.flatten(x, 1))
 
 
-def test_activations_surgery_cannot_quantize_are_refused_before_training(tmp_path, capsys, monkeypatch, cli_error):
-    monkeypatch.setitem(models.MODELS, "relu6-cnn", Relu6CNN)
+def test_a_net_freeze_cannot_take_is_refused_before_training_in_one_message(tmp_path, monkeypatch, cli_error):
+    monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
     run = tmp_path / "run"
-    err = cli_error(["train", "--model", "relu6-cnn", "--epochs", "1", "--train-subset", "100", "--out", str(run)])
-    assert "'net.act1' (ReLU6)" in err and "'net' (F.relu)" in err and "--act-bits 8" in err
-    assert not run.exists()
+    err = cli_error(["train", "--model", "gelu-cnn", "--epochs", "1", "--train-subset", "100", "--out", str(run)])
+    assert "model 'gelu-cnn' cannot become an integer program, nothing was trained; 3 problems" in err, err
+    for what in ("layer 'net.act1' (GELU)", "operation 'silu' (F.silu in 'net')", "operation 'cat' (torch.cat in 'net')"):
+        assert what in err, (what, err)
+    assert err.count("\n") <= 1 and not run.exists()
+    # the train stage alone (no freeze check) still refuses activations it would train as float
+    from mixq.train.errors import ConfigError
+    from mixq.train.loop import train as train_stage
+    with pytest.raises(ConfigError, match=r"'net.act1' \(GELU\).*'net' \(F.silu\)"):
+        train_stage(TrainConfig(model="gelu-cnn", epochs=1, train_subset=100), str(tmp_path / "stage"))
     # float activations (--act-bits 32) are what the user asked for: that run trains
-    m = train(TrainConfig(model="relu6-cnn", act_bits=32, epochs=1, train_subset=100), str(run))
+    m = train(TrainConfig(model="gelu-cnn", act_bits=32, epochs=1, train_subset=100), str(run))
     assert m["int_accuracy"] is None
 
 

@@ -12,7 +12,9 @@ import pytest
 import torch
 
 NET = '''
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def small_net(num_classes):
@@ -20,6 +22,45 @@ def small_net(num_classes):
         nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
         nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(32), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
+
+
+class Separable(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.dw = nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False)
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.pw = nn.Conv2d(cin, cout, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.act = nn.ReLU6()
+
+    def forward(self, x):
+        x = self.act(self.bn1(self.dw(x)))
+        return self.act(self.bn2(self.pw(x)))           # one ReLU6 module, two places
+
+
+class RichNet(nn.Module):
+    """What the zoo has not: depthwise-separable blocks, ReLU6, functional relu, clamp and
+    pools, a view, an MLP head."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 16, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+        self.b1 = Separable(16, 32, 1)
+        self.b2 = Separable(32, 32, 2)
+        self.fc1 = nn.Linear(32, 32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        x = self.b2(self.b1(F.max_pool2d(x, 2)))
+        x = F.adaptive_avg_pool2d(x, 1)
+        x = x.view(x.size(0), -1)
+        return self.fc2(torch.clamp(self.fc1(x), 0, 6))
+
+
+def rich_net(num_classes):
+    return RichNet(num_classes)
 
 
 def not_a_module(num_classes):
@@ -33,18 +74,19 @@ def ok(r: subprocess.CompletedProcess) -> str:
 
 
 def test_a_model_file_trains_and_deploys_bit_exact_after_the_file_is_gone(tmp_path, mixq):
+    """RichNet (depthwise, ReLU6 twice, functional relu/clamp/pools, view, MLP head) end to end."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "mynet.py").write_text(NET)
     run, frozen, build = tmp_path / "run", tmp_path / "frozen", tmp_path / "build"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "mixq.cli", "train", "--model", "mynet.py:small_net", "--epochs", "10",
+    r = subprocess.run([sys.executable, "-m", "mixq.cli", "train", "--model", "mynet.py:rich_net", "--epochs", "10",
                         "--out", str(run)], cwd=src, capture_output=True, text=True, env=env, timeout=600)
     ok(r)
     m = json.loads((run / "metrics.json").read_text())
-    assert m["model"] == "mynet.py:small_net" and len(m["layers"]) == 3
+    assert m["model"] == "mynet.py:rich_net" and len(m["layers"]) == 7
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
-    assert ckpt["model_source"] == {"spec": "mynet.py:small_net", "file": "mynet.py", "text": NET}
+    assert ckpt["model_source"] == {"spec": "mynet.py:rich_net", "file": "mynet.py", "text": NET}
     shutil.rmtree(src)              # freeze, compile and deploy rebuild the net from the checkpoint
     ok(mixq("freeze", run / "checkpoint.pt", "--out", frozen))
     ok(mixq("compile", frozen, "--out", build))
@@ -78,3 +120,33 @@ def test_a_bad_model_spec_is_one_line_before_training(tmp_path, cli_error, spec,
     err = cli_error(["train", "--model", spec, "--epochs", "1", "--out", str(tmp_path / "run")])
     assert message in err, err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_functional_activations_and_shared_modules_become_one_quantizer_per_place():
+    from mixq.models import build_model
+    from mixq.train import quant
+    from mixq.train.methods.ste import STEUniform
+    from mixq.train.surgery import one_module_per_activation
+    ns = {}
+    exec(NET, ns)
+    torch.manual_seed(0)
+    net = ns["rich_net"](10).eval()
+    keys = set(net.state_dict())
+    x = torch.randn(4, 1, 8, 8)
+    before = net(x)
+    net = one_module_per_activation(net)
+    assert torch.equal(net(x), before) and set(net.state_dict()) == keys       # same function, same weights
+    added = {n: type(m).__name__ for n, m in net.named_modules() if n.rsplit(".", 1)[-1] in
+             ("relu", "max_pool2d", "adaptive_avg_pool2d", "clamp", "act_1")}
+    assert added == {"relu": "ReLU", "max_pool2d": "MaxPool2d", "adaptive_avg_pool2d": "AdaptiveAvgPool2d",
+                     "clamp": "ReLU6", "b1.act_1": "ReLU6", "b2.act_1": "ReLU6"}, added
+    model = quant.QuantModel(STEUniform(8, 4).prepare(net))
+    acts = {n: m for n, m in model.named_modules() if isinstance(m, quant.ActQuant)}
+    assert len(acts) == 7                            # relu, 2 x 2 ReLU6 uses, the pool's, clamp(0, 6)
+    assert sorted(n for n, m in acts.items() if m.fixed) == ["net.b1.act", "net.b1.act_1", "net.b2.act",
+                                                             "net.b2.act_1", "net.clamp"]
+    assert all(float(m.alpha) == 6.0 and "alpha" not in dict(m.named_parameters()) for m in acts.values() if m.fixed)
+    # a net that needs no rewrite comes back as it is: every zoo net
+    for name in ("digits-cnn", "resnet20"):
+        zoo = build_model(name, 10)
+        assert one_module_per_activation(zoo) is zoo

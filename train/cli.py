@@ -72,10 +72,10 @@ def config(args) -> TrainConfig:
     return TrainConfig(**{**preset, **given})
 
 
-def run(args, evaluate=None) -> int:
-    """Train; print the headline metrics. evaluate: see train.loop.train."""
+def run(args, evaluate=None, check=None) -> int:
+    """Train; print the headline metrics. evaluate, check: see train.loop.train."""
     from mixq.train.loop import train
-    m = train(config(args), args.out, resume=args.resume, evaluate=evaluate)
+    m = train(config(args), args.out, resume=args.resume, evaluate=evaluate, check=check)
     if m is not None:           # under torchrun only rank 0 has the metrics
         keys = ("accuracy", "relaxed_accuracy", "int_accuracy", "avg_bits", "paper_comp", "storage_bits", "compression")
         print(json.dumps({k: m.get(k) for k in keys}))

@@ -92,6 +92,11 @@ class CommonConfig:
                               "or FILE.py:FUNCTION or package.module:FUNCTION for your own)")
         if self.dataset not in DATASETS:
             raise ConfigError(f"--dataset {self.dataset}: unknown dataset '{self.dataset}' (choose from: {', '.join(DATASETS)})")
+        self.validate_options()
+
+    def validate_options(self):
+        """Everything validate() checks but the model and dataset names (the Python API trains
+        a module and loaders it is handed)."""
         if self.method not in METHODS:
             raise ConfigError(f"--method {self.method}: unknown (choose from: {', '.join(METHODS)})")
         if not 0 < self.target_bits <= 8:
@@ -144,10 +149,10 @@ def build(cfg: TrainConfig, init_weights: str | None = None, source: dict | None
     net = build_model(cfg.model, cfg.num_classes, source)
     if init_weights:
         load_float_weights(net, init_weights, cfg.model)
+    net = surgery.one_module_per_activation(net)
     method = cfg.method_class().from_config(cfg, net)
     model = quant.QuantModel(method.prepare(net))
     model.source = source
-    surgery.check_activations(model, cfg.act_bits, cfg.model)
     return model, method
 
 

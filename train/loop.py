@@ -34,6 +34,7 @@ from mixq.train.config import TrainConfig, build
 from mixq.train.errors import TrainError
 from mixq.train.methods import METHODS
 from mixq.train.methods.base import bit_summary
+from mixq.train.surgery import check_activations
 
 CHECK_EVERY = 50        # steps between host reads of the non-finite-loss flag
 
@@ -142,9 +143,14 @@ def lr_factor(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
 
 
 # ----------------------------------------------------------------------------- the loop
-def train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) -> dict:
+def train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, check=None) -> dict:
     """Train `cfg` into the run directory `out_dir` (resume: continue its checkpoint); returns
     metrics.json's content (None on the other processes under torchrun).
+
+    check(model, method, cfg), when given, vets the freshly built model before any training
+    (and before the warm-up's): the `mixq train` command dry-runs freeze there, so a net with
+    ops freeze cannot take is refused in one message naming them all. Without it, the train
+    stage's own check applies (surgery.check_activations: activations left float).
 
     evaluate(model, cfg, spec) -> dict, when given, adds measurements of the finished, hardened
     model (on the CPU) to metrics.json, before the bit figures; the warm-up sub-run gets it
@@ -160,12 +166,12 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) -
     # `mixq train` (here, before any parallel torch op of the process).
     torch.set_flush_denormal(True)
     try:
-        return _train(cfg, out_dir, resume, evaluate)
+        return _train(cfg, out_dir, resume, evaluate, check)
     finally:
         torch.set_flush_denormal(False)
 
 
-def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) -> dict:
+def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, check=None) -> dict:
     cfg.validate()
     out = Path(out_dir)
     # one run per directory (rank 0 holds it under torchrun); released when _train returns or the process ends
@@ -174,7 +180,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) 
     # a run killed during its warm-up has no checkpoint of its own yet: it resumes the warm-up
     warming = cfg.warmup_epochs and not ckpt_path.exists()
     state = resume_state(ckpt_path, cfg) if resume and not warming else None
-    init = warm_up(cfg, out, evaluate) if state is None and cfg.warmup_epochs else cfg.init_from
+    init = warm_up(cfg, out, evaluate, check) if state is None and cfg.warmup_epochs else cfg.init_from
     proc = start_process(cfg)
     spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed)
     cfg.num_classes, cfg.input_shape = spec.num_classes, spec.input_shape
@@ -182,6 +188,10 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) 
     calib = calibration_images(spec)
     if state is None:
         model, method = build(cfg, init)
+        if check is not None:
+            check(model, method, cfg)
+        else:
+            check_activations(model, cfg.act_bits, cfg.model)
         calibrate(model, calib[0])
         start_epoch, history = 0, []
         if proc.main:
@@ -213,33 +223,9 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) 
         net.train()
         method.harden(False)
         t0 = time.time()
-        method.on_epoch(epoch)                          # per-epoch work (BSQ: precision; CLADO: allocation)
-        # loss and regularizer sums and the first non-finite step stay on the device: the step
-        # never waits for the host; they are read every CHECK_EVERY steps and at the epoch's end
-        sums = torch.zeros(2, device=proc.device)
-        first_bad = torch.full((), -1, dtype=torch.long, device=proc.device)
-        for step, (x, y) in enumerate(tqdm(train_loader, leave=False, unit="batch", disable=not proc.main)):
-            method.on_step(epoch + step / steps)        # per-step schedule (CSQ: beta)
-            x, y = x.to(proc.device, non_blocking=True), y.to(proc.device, non_blocking=True)
-            if spec.augment is not None:
-                x = spec.augment(x)
-            reg = method.regularizer().to(proc.device)
-            with autocast(cfg, proc.device):
-                logits = forward(x)
-            loss = F.cross_entropy(logits.float(), y) + reg
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
-            if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
-                check_finite(first_bad, epoch, ckpt_path, proc)
-            for o in opts.values():
-                o.zero_grad(set_to_none=True)
-            loss.backward()
-            for k in opts:
-                opts[k].step()
-                scheds[k].step()
-            method.after_step()
-            sums += torch.stack([loss.detach(), reg.detach().float()])
+        loss_sum, reg_sum = train_epoch(forward, method, train_loader, opts, scheds, cfg, epoch, spec.augment, proc,
+                                        ckpt_path)
         if proc.main:
-            loss_sum, reg_sum = sums.tolist()
             row = epoch_report(model, method, test_loader if epoch == cfg.epochs - 1 else probe_loader, proc.device, epoch, steps, loss_sum, reg_sum,
                                time.time() - t0, opts["sgd"])
             history.append(row)
@@ -263,7 +249,42 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None) 
     return metrics
 
 
-def warm_up(cfg: TrainConfig, out: Path, evaluate=None) -> str:
+def train_epoch(forward, method, loader, opts: dict, scheds: dict, cfg: TrainConfig, epoch: int, augment=None,
+                proc: Proc = Proc(), ckpt_path: Path | None = None) -> tuple[float, float]:
+    """One epoch of steps: the method's per-epoch and per-step hooks, cross entropy plus the
+    method's regularizer, every optimizer and scheduler stepped. Returns the summed loss and
+    regularizer. `mixq train` and the Python API's fit (mixq.api) both train with it."""
+    method.on_epoch(epoch)                          # per-epoch work (BSQ: precision; CLADO: allocation)
+    steps = len(loader)
+    # loss and regularizer sums and the first non-finite step stay on the device: the step
+    # never waits for the host; they are read every CHECK_EVERY steps and at the epoch's end
+    sums = torch.zeros(2, device=proc.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=proc.device)
+    for step, (x, y) in enumerate(tqdm(loader, leave=False, unit="batch", disable=not proc.main)):
+        method.on_step(epoch + step / steps)        # per-step schedule (CSQ: beta)
+        x, y = x.to(proc.device, non_blocking=True), y.to(proc.device, non_blocking=True)
+        if augment is not None:
+            x = augment(x)
+        reg = method.regularizer().to(proc.device)
+        with autocast(cfg, proc.device):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y) + reg
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
+        if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
+            check_finite(first_bad, epoch, ckpt_path, proc)
+        for o in opts.values():
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for k in opts:
+            opts[k].step()
+            scheds[k].step()
+        method.after_step()
+        sums += torch.stack([loss.detach(), reg.detach().float()])
+    loss_sum, reg_sum = sums.tolist()
+    return loss_sum, reg_sum
+
+
+def warm_up(cfg: TrainConfig, out: Path, evaluate=None, check=None) -> str:
     """The warm-up sub-run in RUN/warmup: 8-bit STE weights (from --init-from, or the zoo's
     initialization) trained for --warmup-epochs; its float weights start the CSQ/BSQ run. A
     finished warm-up is reused, a killed one resumed."""
@@ -271,7 +292,7 @@ def warm_up(cfg: TrainConfig, out: Path, evaluate=None) -> str:
     if not (wdir / "metrics.json").exists():
         warm = replace(cfg, method="ste-uniform", weight_bits=8, epochs=cfg.warmup_epochs,
                        finetune_epochs=None, warmup_epochs=0)
-        train(warm, str(wdir), resume=(wdir / "checkpoint.pt").exists(), evaluate=evaluate)
+        train(warm, str(wdir), resume=(wdir / "checkpoint.pt").exists(), evaluate=evaluate, check=check)
     return str(wdir / "checkpoint.pt")
 
 
@@ -363,7 +384,7 @@ def check_finite(first_bad, epoch, ckpt_path, proc):
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     step = int(bad)
     if step >= 0:
-        kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path.exists() else "no checkpoint was written yet"
+        kept = f"last good checkpoint kept at {ckpt_path}" if ckpt_path and ckpt_path.exists() else "no checkpoint was written yet"
         raise TrainError(f"loss is nan at epoch {epoch} step {step}: training stopped, {kept} "
                          "(try a smaller --lr or --bit-lr)")
 

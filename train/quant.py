@@ -97,13 +97,19 @@ class ActQuant(nn.Module):
     """ReLU + uniform unsigned quantization with a learnable clip (PACT). bits=32: plain ReLU.
 
     The clip alpha is initialized from the first batch it sees in training mode (99.9th
-    percentile), so the same default works after BN-normalized convs and after pooling."""
+    percentile), so the same default works after BN-normalized convs and after pooling.
+    clip=c (what an nn.ReLU6, F.relu6 or clamp(0, c) becomes): the clip is that fixed c, a
+    buffer, not learned, so the quantized activation keeps the float net's function."""
 
-    def __init__(self, bits: int = 8):
+    def __init__(self, bits: int = 8, clip: float | None = None):
         super().__init__()
         self.bits = bits
-        self.alpha = nn.Parameter(torch.tensor(6.0))
-        self.register_buffer("initialized", torch.tensor(False))
+        self.fixed = clip is not None
+        if self.fixed:
+            self.register_buffer("alpha", torch.tensor(float(clip)))
+        else:
+            self.alpha = nn.Parameter(torch.tensor(6.0))
+        self.register_buffer("initialized", torch.tensor(self.fixed))
         self.ready = False
 
     @property
@@ -115,7 +121,7 @@ class ActQuant(nn.Module):
 
     def forward(self, x):
         if self.bits >= 32:
-            return F.relu(x)
+            return torch.clamp(x, 0.0, float(self.alpha)) if self.fixed else F.relu(x)
         if self.training and not self.ready and not bool(self.initialized):
             with torch.no_grad():
                 v = F.relu(x.detach()).flatten()
@@ -126,7 +132,7 @@ class ActQuant(nn.Module):
         return _PACTQuant.apply(x, self.alpha.abs() + 1e-8, self.levels)
 
     def extra_repr(self):
-        return f"bits={self.bits}"
+        return f"bits={self.bits}" + (f", clip={float(self.alpha):g} (fixed)" if self.fixed else "")
 
 
 # ----------------------------------------------------------------------------- shared by methods
@@ -168,14 +174,27 @@ def quant_layers(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------- model surgery
+def relu_clip(m: nn.Module):
+    """(True, clip) for a ReLU-like activation module, clip None (learned) for nn.ReLU, the fixed
+    clip for nn.ReLU6 and nn.Hardtanh(0, c); (False, None) for anything else."""
+    if isinstance(m, nn.ReLU):
+        return True, None
+    if isinstance(m, nn.Hardtanh) and m.min_val == 0 and m.max_val > 0:      # nn.ReLU6 is one
+        return True, float(m.max_val)
+    return False, None
+
+
 def swap_layers(model: nn.Module, convert, act_bits: int) -> nn.Module:
-    """Replace Conv2d/Linear via `convert(module)`, ReLU by ActQuant, and follow every
-    average pool with an ActQuant so its output is an integer tensor too."""
+    """Replace Conv2d/Linear via `convert(module)`, ReLU (ReLU6, Hardtanh(0, c): fixed clip) by
+    ActQuant, and follow every average pool with an ActQuant so its output is an integer tensor
+    too. Functional activations and modules used twice are made modules, one per use, first
+    (train.surgery.one_module_per_activation)."""
     for name, child in list(model.named_children()):
+        relu, clip = relu_clip(child)
         if isinstance(child, (nn.Conv2d, nn.Linear)) and not hasattr(child, "integer_weight"):
             setattr(model, name, convert(child))
-        elif isinstance(child, nn.ReLU):
-            setattr(model, name, ActQuant(act_bits))
+        elif relu:
+            setattr(model, name, ActQuant(act_bits, clip))
         elif isinstance(child, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
             setattr(model, name, nn.Sequential(child, ActQuant(act_bits)))
         else:

@@ -1,13 +1,26 @@
-"""What layer surgery (quant.swap_layers) leaves float: activations it does not quantize.
+"""Layer surgery's helpers: one module per activation and pool use, and what stays float.
 
-swap_layers replaces nn.ReLU modules by ActQuant. Any other activation (an nn.ReLU6 or nn.GELU
-module, F.relu or torch.relu called in a forward, x.clamp(0, 6)...) would train with float
-values, report an accuracy for a network that `mixq freeze` then refuses; `check_activations`
-refuses such a model before training instead, naming each place."""
+quant.swap_layers works on modules: it replaces each nn.ReLU (ReLU6, Hardtanh(0, c)) module
+by an ActQuant, which learns its own clip and scale, and follows each average pool module by
+one. Real CNNs also call activations and pools as functions (F.relu, torch.relu, x.clamp(0, 6),
+F.adaptive_avg_pool2d, x.mean((2, 3))) and call one activation module at several places.
+`one_module_per_activation` rewrites those calls, with torch.fx, into modules of their own, one
+per use, before the swap (what torch.ao's prepare_fx does for its observers). A net that needs
+no rewrite (every zoo net) is left as it is: same class, same module tree.
+
+Anything else (an nn.GELU module, F.silu...) would train with float values and report an
+accuracy for a network that `mixq freeze` then refuses; `check_activations` refuses such a
+model before training instead, naming each place (the `mixq train` command goes further: it
+dry-runs freeze on the untrained model and lists every op freeze cannot take)."""
 from __future__ import annotations
 
+import copy
+import inspect
+
+import torch
 import torch.fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from mixq.train import quant
 from mixq.train.errors import ConfigError
@@ -62,3 +75,141 @@ def check_activations(model: nn.Module, act_bits: int, model_name: str):
         raise ConfigError(f"model '{model_name}': activations layer surgery cannot quantize: {', '.join(found)} "
                          f"(they would train as float under --act-bits {act_bits} and the run could not be "
                          "frozen; mixq quantizes nn.ReLU modules, one per use)")
+
+
+# ----------------------------------------------------------------------------- one module per use
+# The signatures of the calls rewritten into modules (torch.X, F.X or tensor.X(), bound by name).
+_SIGNATURES = {
+    "relu": lambda input, inplace=False: None,
+    "relu_": lambda input: None,
+    "relu6": lambda input, inplace=False: None,
+    "hardtanh": lambda input, min_val=-1.0, max_val=1.0, inplace=False: None,
+    "clamp": lambda input, min=None, max=None: None,
+    "clamp_min": lambda input, min: None,
+    "adaptive_avg_pool2d": lambda input, output_size: None,
+    "avg_pool2d": lambda input, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
+    divisor_override=None: None,
+    "max_pool2d": lambda input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+    return_indices=False: None,
+    "mean": lambda input, dim=None, keepdim=False, dtype=None: None,
+}
+_ALIASES = {"clip": "clamp", "clamp_": "clamp", "clip_": "clamp", "clamp_min_": "clamp_min", "hardtanh_": "hardtanh"}
+_GLOBAL_DIMS = ({2, 3}, {-1, -2})
+
+
+def _call_name(node) -> str | None:
+    if node.op == "call_function":
+        name = "max_pool2d" if node.target is F.max_pool2d else getattr(node.target, "__name__", None)
+    elif node.op == "call_method":
+        name = node.target
+    else:
+        return None
+    name = _ALIASES.get(name, name)
+    return name if name in _SIGNATURES else None
+
+
+def _relu(clip):
+    return nn.ReLU() if clip is None else nn.ReLU6() if clip == 6 else nn.Hardtanh(0.0, float(clip))
+
+
+def _as_module(name: str, a: dict) -> nn.Module | None:
+    """The module computing the call `name` with bound arguments `a`; None when it has no
+    such module (e.g. clamp(-1, 1), a non-global mean) or an argument is computed."""
+    if any(isinstance(v, torch.fx.Node) for k, v in a.items() if k != "input"):
+        return None
+    if name in ("relu", "relu_"):
+        return nn.ReLU()
+    if name == "relu6":
+        return nn.ReLU6()
+    if name == "hardtanh" and a["min_val"] == 0 and a["max_val"] > 0:
+        return _relu(a["max_val"])
+    if name == "clamp" and a["min"] == 0 and (a["max"] is None or a["max"] > 0):
+        return _relu(a["max"])
+    if name == "clamp_min" and a["min"] == 0:
+        return nn.ReLU()
+    if name == "adaptive_avg_pool2d":
+        return nn.AdaptiveAvgPool2d(a["output_size"])
+    if name == "avg_pool2d":
+        return nn.AvgPool2d(a["kernel_size"], a["stride"], a["padding"], a["ceil_mode"], a["count_include_pad"],
+                            a["divisor_override"])
+    if name == "max_pool2d" and not a["return_indices"]:
+        return nn.MaxPool2d(a["kernel_size"], a["stride"], a["padding"], a["dilation"], ceil_mode=a["ceil_mode"])
+    if name == "mean" and a["dim"] is not None and a["dtype"] is None:
+        dims = {a["dim"]} if isinstance(a["dim"], int) else set(a["dim"])
+        if dims in _GLOBAL_DIMS:
+            pool = nn.AdaptiveAvgPool2d(1)
+            return pool if a["keepdim"] else nn.Sequential(pool, nn.Flatten())
+    return None
+
+
+def _stateful_per_use(m: nn.Module) -> bool:
+    """Modules that become (or get) an ActQuant, which learns one clip per place it quantizes."""
+    return quant.relu_clip(m)[0] or isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+
+
+def one_module_per_activation(net: nn.Module) -> nn.Module:
+    """`net` with every functional activation or pool it calls (see _SIGNATURES) made a module
+    of its own, and every activation or average pool module it calls more than once copied, one
+    per call: so swap_layers gives each place its own quantizer.
+
+    Module by module, children first: a module whose own forward needs a rewrite becomes a
+    torch.fx.GraphModule of that forward (its children stay modules), in the same place of the
+    tree, with the same parameter names; new modules are named after the function (`relu6`,
+    `relu_1`...) inside the module that called it. A module torch.fx cannot trace is left as it
+    is (freeze traces the whole net and says why). Every zoo net comes back unchanged."""
+    builtin = type(net).__module__.startswith("torch.nn.modules.")
+    if builtin and not isinstance(net, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        return net                  # torch's own layers (nn.ReLU6 calls F.hardtanh): what swap_layers knows
+    for name, child in list(net.named_children()):
+        new = one_module_per_activation(child)
+        if new is not child:
+            setattr(net, name, new)
+    return net if builtin else _rewrite_own_forward(net)
+
+
+class _OwnForward(torch.fx.Tracer):
+    """Traces one module's forward, every child a leaf."""
+
+    def is_leaf_module(self, m, qualname):
+        return True
+
+
+def _rewrite_own_forward(module: nn.Module) -> nn.Module:
+    try:
+        gm = torch.fx.GraphModule(module, _OwnForward().trace(module), class_name=type(module).__name__)
+    except Exception:   # noqa: BLE001 - an untraceable forward (control flow on values...)
+        return module
+    seen, changed = set(), False
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module":
+            if not _stateful_per_use(gm.get_submodule(node.target)):
+                continue
+            if node.target not in seen:
+                seen.add(node.target)
+                continue
+            new, stem = copy.deepcopy(gm.get_submodule(node.target)), node.target.replace(".", "_")
+        else:
+            name = _call_name(node)
+            if name is None:
+                continue
+            try:
+                bound = inspect.signature(_SIGNATURES[name]).bind(*node.args, **node.kwargs)
+            except TypeError:
+                continue
+            bound.apply_defaults()
+            new, stem = _as_module(name, bound.arguments), name.rstrip("_")
+            if new is None:
+                continue
+            node.args, node.kwargs = (bound.arguments["input"],), {}
+        target, k = stem, 0
+        while hasattr(gm, target):
+            k += 1
+            target = f"{stem}_{k}"
+        gm.add_submodule(target, new)
+        node.op, node.target = "call_module", target
+        changed = True
+    if not changed:
+        return module
+    gm.graph.lint()
+    gm.recompile()
+    return gm
