@@ -139,17 +139,32 @@ def load_test_split(record: dict, dataset: str | None, data_dir, images: int | N
     return name, x, y
 
 
+def user_test_split(record: dict, test) -> tuple[str, np.ndarray, np.ndarray]:
+    """("user data", x, y) from test = (images, labels) handed in by the Python API: float NCHW
+    images as the model saw them in training (normalized), integer labels."""
+    try:
+        x, y = (t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t) for t in test)
+    except (TypeError, ValueError):
+        raise DeployError("test data: expected (images, labels)") from None
+    shape = tuple(record["input"]["shape"])
+    if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape or len(y) != len(x) or not len(x):
+        raise DeployError(f"test data: images of shape {tuple(x.shape)} and {len(y)} labels do not fit the "
+                          f"model's input {shape} (N images, N labels)")
+    return "user data", x.astype(np.float32), y.astype(np.int64)
+
+
 def deploy(build_dir, board: S.BoardSpec | None = None, dataset: str | None = None, data_dir=None,
            images: int | None = None, repeat: int = 30, batch_size: int = 64, metrics_path=None,
-           progress: bool = True, log=print) -> dict:
-    """Verify, run and measure BUILD_DIR on `board` (None: a local RPC server). Returns the report."""
+           progress: bool = True, log=print, test=None) -> dict:
+    """Verify, run and measure BUILD_DIR on `board` (None: a local RPC server). Returns the report.
+    test=(images, labels): those instead of a dataset's test split (the Python API)."""
     build_dir = Path(build_dir)
     if repeat < 1:
         raise DeployError(f"--repeat {repeat}: must be >= 1")
     if batch_size < 1:
         raise DeployError(f"--batch-size {batch_size}: must be >= 1")
     record, graph = load_build(build_dir)
-    name, x, y = load_test_split(record, dataset, data_dir, images)
+    name, x, y = user_test_split(record, test) if test is not None else load_test_split(record, dataset, data_dir, images)
     metrics, metrics_file = training_facts(record, build_dir, graph, metrics_path)
     xq = G.quantize_input(graph.input, x)
 

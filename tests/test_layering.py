@@ -9,7 +9,7 @@ pyproject.toml's package-dir (mixq -> mixq/, mixq.train -> train/, ...). What it
     <- compile <- runtime; a stage may import its own modules and the core;
   - the core (the integer contract mixq/graph.py, mixq/fsio.py, mixq/errors.py, mixq/data.py)
     imports no stage;
-  - the commands above the stages (mixq/cli.py, report.py, inspect.py, ...) may import anything.
+  - the commands above the stages (mixq/cli.py, api.py, report.py, inspect.py, ...) may import anything.
 
 An import names the module it imports (`from mixq.train import quant` imports mixq.train.quant);
 the parent packages Python runs on the way are not counted (a package's __init__ importing its
@@ -26,7 +26,7 @@ import importgraph
 REPO = Path(__file__).resolve().parents[1]
 
 CORE = {"mixq", "mixq.graph", "mixq.fsio", "mixq.errors", "mixq.data"}
-COMMANDS = {"mixq.cli", "mixq.train_command", "mixq.report", "mixq.inspect", "mixq.evaluate",
+COMMANDS = {"mixq.cli", "mixq.api", "mixq.train_command", "mixq.report", "mixq.inspect", "mixq.evaluate",
             "mixq.onnx_export"}
 STAGES = [("models", ("mixq.models",)), ("train", ("mixq.train",)), ("freeze", ("mixq.freeze", "mixq.intsim")),
           ("compile", ("mixq.compile",)), ("runtime", ("mixq.runtime",))]
