@@ -1,8 +1,11 @@
 """`--dataset folder`: the user's own ImageFolder (train/ and val/ or test/, a subfolder per
 class, images of any size and mode), resized to --input-size, decoded once into a cache; its
-one-line errors."""
+one-line errors; and a folder-trained model through freeze, compile and deploy, bit-exact."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +180,27 @@ def test_a_bad_folder_is_one_line_naming_it(tmp_path, cache, how):
     assert not list(cache.glob("*.tmp*"))
 
 
+def test_folder_options_are_checked_in_one_line_before_training(tmp_path, cache, cli_error):
+    root = make_folder(tmp_path / "imgs", train=2, test=1)
+    run = tmp_path / "run"
+    train = ["train", "--model", "resnet20", "--epochs", "1", "--out", str(run)]
+    for args, message in (
+            (["--dataset", "folder", "--data-dir", str(root)], "--input-size H or HxW is required for --dataset folder"),
+            (["--dataset", "folder", "--data-dir", str(root), "--input-size", "16x"], "--input-size 16x: expected H or HxW"),
+            (["--dataset", "cifar10", "--input-size", "16"], "--input-size 16: only --dataset folder takes an input size"),
+            (["--dataset", "folder", "--input-size", "16"], "--data-dir is required for --dataset folder"),
+            (["--dataset", "folder", "--data-dir", str(tmp_path / "nowhere"), "--input-size", "16"],
+             f"--data-dir {tmp_path / 'nowhere'}: no such directory"),
+            (["--dataset", "folder", "--data-dir", str(root), "--input-size", "16", "--model", "digits-cnn"],
+             "--model digits-cnn does not take --dataset folder's images (3, 16, 16): Given groups=1")):
+        err = cli_error(train + args)
+        assert message in err, (args, err)
+    assert not run.exists()
+    _break(root, "corrupt")
+    assert "001.jpg: not a readable image" in cli_error(train + ["--dataset", "folder", "--data-dir", str(root),
+                                                                 "--input-size", "16"])
+
+
 def test_eval_and_deploy_reload_the_recorded_folder_and_check_its_classes(tmp_path, cache):
     root = make_folder(tmp_path / "imgs", train=2, test=1)
     meta = {"dataset": "folder", "data_dir": str(root), "classes": list(CLASSES)}
@@ -192,3 +216,58 @@ def test_eval_and_deploy_reload_the_recorded_folder_and_check_its_classes(tmp_pa
     with pytest.raises(data.DataError, match=f"the training run's --data-dir {tmp_path / 'moved'} is gone"):
         data.model_test_split(meta, (3, 10, 14), (3,))
     assert len(data.model_test_split(meta, (3, 10, 14), (3,), data_dir=str(root)).test) == 3
+
+
+def test_a_run_that_kept_its_data_dir_relative_still_resumes(tmp_path, monkeypatch):
+    """`mixq train` now stores --data-dir absolute; a checkpoint written before, with the path
+    as typed, resumes from the same directory with the same option."""
+    from mixq.train.checkpoint import resume_state
+    from mixq.train.config import TrainConfig
+    from mixq.train.errors import TrainError
+    monkeypatch.chdir(tmp_path)
+    old = TrainConfig(dataset="cifar10", data_dir="data/cifar.tar.gz")
+    torch.save({"model": {}, "config": old.to_dict(), "epoch": 0, "optimizers": {}, "schedulers": {},
+                "history": []}, tmp_path / "checkpoint.pt")
+    now = TrainConfig(dataset="cifar10", data_dir=str(tmp_path / "data/cifar.tar.gz"))
+    assert resume_state(tmp_path / "checkpoint.pt", now)["epoch"] == 0
+    with pytest.raises(TrainError, match="data_dir: run has"):
+        resume_state(tmp_path / "checkpoint.pt", TrainConfig(dataset="cifar10", data_dir="other/cifar.tar.gz"))
+
+
+def ok(r: subprocess.CompletedProcess) -> str:
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r.stdout
+
+
+def test_a_folder_trained_model_freezes_compiles_and_deploys_bit_exact(tmp_path, monkeypatch, capsys, mixq):
+    """resnet20 (3-channel input, any size: global pooling) on 16x16 images, trained from a
+    relative --data-dir: freeze records the folder, and eval and deploy (run from another
+    directory) find it again, at the model's input size. Train, freeze and eval run in this
+    process, compile and deploy as commands: 42 s on 2 cores shared with a training job."""
+    from mixq import cli
+    make_folder(tmp_path / "work" / "imgs", train=8, test=4)
+    run, frozen, build = tmp_path / "run", tmp_path / "frozen", tmp_path / "build"
+    monkeypatch.setenv("MIXQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path / "work")
+    assert cli.main(["train", "--model", "resnet20", "--dataset", "folder", "--data-dir", "imgs", "--input-size", "16",
+                     "--epochs", "1", "--out", str(run)]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["dataset"] == "folder" and m["train_images"] == 24 and m["test_images"] == 12
+    cfg = torch.load(run / "checkpoint.pt", weights_only=True)["config"]
+    assert cfg["data_dir"] == str(tmp_path / "work" / "imgs") and cfg["input_size"] == [16, 16]
+    assert cfg["input_shape"] == [3, 16, 16] and cfg["classes"] == list(CLASSES) and cfg["num_classes"] == 3
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["freeze", str(run / "checkpoint.pt"), "--out", str(frozen)]) == 0
+    meta = json.loads((frozen / "manifest.json").read_text())["meta"]
+    assert meta["data_dir"] == str(tmp_path / "work" / "imgs") and meta["classes"] == list(CLASSES)
+    capsys.readouterr()
+    assert cli.main(["eval", str(frozen)]) == 0
+    assert "resnet20 on folder: top-1" in capsys.readouterr().out
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok(mixq("compile", frozen, "--out", build, env=env))
+    out = ok(mixq("deploy", build, "--repeat", "3", "--no-progress", env=env))
+    assert "resnet20 on folder" in out and "bit-exact vs golden interpreter: yes (12 images)" in out, out
+    report = json.loads((build / "report.json").read_text())
+    assert report["bit_exact"] is True and report["images_checked"] == report["accuracy_images"] == 12
+    assert report["accuracy"] == report["reference_accuracy"]
+    assert report["accuracy"] == pytest.approx(report["trained_int_accuracy"], abs=1e-9)   # 100*k/12, two ways
