@@ -122,7 +122,8 @@ def prepare(model: nn.Module, method: str = "csq", target_bits: float = 3.0, act
     if not isinstance(example_input, torch.Tensor) or example_input.ndim != 4 or not len(example_input):
         raise APIError("example_input: a batch of training images, a float tensor N x C x H x W, is needed "
                        "(it sets the input shape and calibrates the quantizers)")
-    fields = set(TrainConfig.__dataclass_fields__) - {"model", "dataset", "data_dir", "num_classes", "input_shape"}
+    fields = set(TrainConfig.__dataclass_fields__) - {"model", "dataset", "data_dir", "input_size", "num_classes",
+                                                      "input_shape", "classes"}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise APIError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(unknown)} (known: {', '.join(sorted(fields))})")
@@ -130,7 +131,11 @@ def prepare(model: nn.Module, method: str = "csq", target_bits: float = 3.0, act
     x = example_input.detach().cpu().float()
     if num_classes is None:
         with torch.no_grad():
-            out = net.eval()(x[:2])
+            try:
+                out = net.eval()(x[:2])
+            except RuntimeError as e:           # torch's shape errors
+                raise APIError(f"model: does not take example_input of shape {tuple(x.shape)} "
+                               f"({str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__})") from None
         if out.ndim != 2:
             raise APIError(f"model: returns a tensor of shape {tuple(out.shape)} for example_input; class logits "
                            "N x classes are expected")
@@ -148,7 +153,7 @@ def prepare(model: nn.Module, method: str = "csq", target_bits: float = 3.0, act
     freezable(qmodel, m, cfg)
     torch.manual_seed(cfg.seed)
     from mixq.train.loop import calibrate
-    calibrate(qmodel, x)
+    calibrate(qmodel, x, cfg)
     if example_labels is not None:
         if len(example_labels) != len(x):
             raise APIError(f"example_labels: {len(example_labels)} labels for {len(x)} example images")

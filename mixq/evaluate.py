@@ -18,16 +18,16 @@ def golden_logits(g: G.IntGraph, x_float: np.ndarray, batch_size: int = 256) -> 
 def add_arguments(p):
     p.add_argument("frozen_dir")
     p.add_argument("--dataset", default=None, help="defaults to the dataset the model was trained on")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="defaults to the training run's (recorded by freeze)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N test images")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run(args) -> int:
     g = G.load(args.frozen_dir)
-    name = args.dataset or g.meta.get("dataset", "digits")
-    spec = datasets.load(name, args.data_dir)
-    datasets.check_model_fits(spec, g.input.shape, g.tensors[g.output].shape, args.frozen_dir)
+    spec = datasets.model_test_split(g.meta, g.input.shape, g.tensors[g.output].shape, args.dataset,
+                                     args.data_dir, where=args.frozen_dir)
+    name = spec.name
     if args.limit is not None and args.limit < 1:
         raise MixqError(f"--limit {args.limit}: must be >= 1")
     x, y = datasets.test_arrays(spec, args.limit)

@@ -15,6 +15,7 @@ stays int32. The learned integer weights are never touched: BN goes to bias/mult
 from __future__ import annotations
 
 import operator
+import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -443,7 +444,11 @@ def freeze_checkpoint(ckpt_path: str, out_dir: str) -> G.IntGraph:
         raise FreezeError(str(e)) from None
     training = training_facts(ckpt, cfg, method)
     method.harden(True)
+    # dataset, data_dir (absolute) and classes: what eval and deploy reload the test split from
+    # by default and check it against (data.model_test_split); a folder's size is the input's
     meta = {"source_checkpoint_epoch": int(ckpt["epoch"]), "method": cfg.method, "dataset": cfg.dataset,
+            "data_dir": os.path.abspath(cfg.data_dir) if cfg.data_dir else None,
+            "classes": list(cfg.classes) if cfg.classes else None,
             "act_bits": cfg.act_bits, "num_classes": cfg.num_classes, "training": training}
     g = freeze_model(model, cfg.model, tuple(cfg.input_shape), meta)
     G.save(g, out_dir)

@@ -17,7 +17,7 @@ def add_arguments(p):
     where.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker; needs --key")
     p.add_argument("--key", help="the board key registered at the tracker")
     p.add_argument("--dataset", default=None, help="defaults to the dataset the model was trained on")
-    p.add_argument("--data-dir", default=None)
+    p.add_argument("--data-dir", default=None, help="defaults to the training run's (recorded by freeze)")
     p.add_argument("--images", type=int, default=None, help="check the first N test images (default: all)")
     p.add_argument("--repeat", type=int, default=30, help="latency samples (time_evaluator repeats)")
     p.add_argument("--batch-size", type=int, default=64, help="images per call for the exactness check")

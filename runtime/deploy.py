@@ -128,13 +128,15 @@ def check_arch(record: dict, model: S.RemoteModel, build_dir: Path):
                            f"{model.board.description} is {model.arch}: recompile with --target {hint}")
 
 
-def load_test_split(record: dict, dataset: str | None, data_dir, images: int | None):
-    """The test split, or N images spread evenly over it (a prefix may hold one class only)."""
-    name = dataset or record.get("dataset") or "digits"
+def load_test_split(record: dict, meta: dict, dataset: str | None, data_dir, images: int | None):
+    """The test split, or N images spread evenly over it (a prefix may hold one class only):
+    by default of the data the model was trained on, from the frozen manifest's meta
+    (datasets.model_test_split: a folder at the model's input size, its recorded data_dir)."""
     if images is not None and images < 1:
         raise DeployError(f"--images {images}: must be >= 1")
-    spec = datasets.load(name, data_dir, test_subset=images)
-    datasets.check_model_fits(spec, record["input"]["shape"], record["output"]["shape"], f"--dataset {name}")
+    name = dataset or record.get("dataset") or meta.get("dataset") or "digits"
+    spec = datasets.model_test_split(meta, record["input"]["shape"], record["output"]["shape"], name, data_dir,
+                                     images, where=f"--dataset {name}")
     x, y = datasets.test_arrays(spec)
     return name, x, y
 
@@ -164,7 +166,8 @@ def deploy(build_dir, board: S.BoardSpec | None = None, dataset: str | None = No
     if batch_size < 1:
         raise DeployError(f"--batch-size {batch_size}: must be >= 1")
     record, graph = load_build(build_dir)
-    name, x, y = user_test_split(record, test) if test is not None else load_test_split(record, dataset, data_dir, images)
+    name, x, y = user_test_split(record, test) if test is not None else \
+        load_test_split(record, graph.meta, dataset, data_dir, images)
     metrics, metrics_file = training_facts(record, build_dir, graph, metrics_path)
     xq = G.quantize_input(graph.input, x)
 

@@ -116,6 +116,8 @@ class GeluNet(Tiny):
     (lambda x, y: mq.prepare(Tiny(), method="bsq", example_input=x), mq.APIError,
      "example_labels: method 'bsq' needs the labels"),
     (lambda x, y: mq.prepare(Tiny(), example_input=x, example_labels=y[:3]), mq.APIError, "3 labels for 64 example images"),
+    (lambda x, y: mq.prepare(Tiny(), example_input=torch.zeros(4, 3, 8, 8)), mq.APIError,
+     "model: does not take example_input of shape (4, 3, 8, 8)"),
     (lambda x, y: mq.fit(Tiny(), [], []), mq.APIError, "q: expected what mixq.api.prepare returns, got Tiny"),
     (lambda x, y: mq.compile(None), mq.APIError, "out: the build directory to write is needed"),
 ])

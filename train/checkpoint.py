@@ -11,12 +11,13 @@ RUN_DIR/checkpoint.pt   {"model", "config", "epoch", "optimizers", "schedulers",
 before the metrics were kept in it) still load; training_facts then tells what they hold."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
 from mixq import fsio
-from mixq.train.config import TrainConfig, build
+from mixq.train.config import DERIVED, TrainConfig, build
 from mixq.train.errors import TrainError
 from mixq.train.methods.base import bit_summary
 
@@ -64,7 +65,9 @@ def resume_state(ckpt_path: Path, cfg: TrainConfig) -> dict:
     except (ValueError, TypeError) as e:
         raise TrainError(f"{ckpt_path}: checkpoint config is not a mixq config ({e})") from None
     wanted = cfg.to_dict()
-    derived = {"device", "num_classes", "input_shape"}     # device may change; the others come from the data
+    for d in (saved, wanted):   # `mixq train` stores --data-dir absolute; runs from before kept it as typed
+        d["data_dir"] = os.path.abspath(d["data_dir"]) if d["data_dir"] else d["data_dir"]
+    derived = {"device"} | DERIVED         # device may change; the others come from the data
     differ = [k for k in wanted if k not in derived and saved[k] != wanted[k]]
     if differ:
         k = differ[0]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from mixq.train import methods
-from mixq.train.config import TrainConfig, recipe_defaults
+from mixq.train.config import DERIVED, TrainConfig, recipe_defaults
 from mixq.train.methods import METHODS
 
 
@@ -19,8 +20,12 @@ def add_arguments(p):
     fixed = [n for n, m in METHODS.items() if not m.mixed]
     p.add_argument("--model", help="digits-cnn | resnet20 | vgg19bn | resnet18 | resnet50 (the zoo), or your own: "
                    "FILE.py:FUNCTION or package.module:FUNCTION, FUNCTION(num_classes) returning a float nn.Module")
-    p.add_argument("--dataset", help="digits (bundled) | cifar10 | imagenet")
-    p.add_argument("--data-dir", help="dataset location (cifar10: ImageFolder dir or .tar.gz)")
+    p.add_argument("--dataset", help="digits (bundled) | cifar10 | imagenet | folder (your own images: "
+                   "--data-dir with train/ and val/ or test/, one subfolder per class, and --input-size)")
+    p.add_argument("--data-dir", help="dataset location (cifar10: ImageFolder dir or .tar.gz; folder: DIR with "
+                   "train/ and val/ or test/); kept in the checkpoint as an absolute path, for deploy")
+    p.add_argument("--input-size", help="--dataset folder: H or HxW, the size its images are resized "
+                   "to (e.g. 32 or 48x64); the model's input is then (3, H, W)")
     p.add_argument("--method", help=f"{' | '.join(mixed)} (mixed precision under --target-bits) | "
                    f"{' | '.join(fixed)} (fixed --weight-bits)")
     p.add_argument("--recipe", help="mixq (default) | paper: the CSQ paper's settings (from scratch, SGD 0.1 cosine on every "
@@ -65,8 +70,10 @@ def add_arguments(p):
 
 def config(args) -> TrainConfig:
     """The TrainConfig of the options given (args), over the recipe's, over the defaults."""
-    keys = set(TrainConfig.__dataclass_fields__) - {"num_classes", "input_shape"}
+    keys = set(TrainConfig.__dataclass_fields__) - DERIVED
     given = {k: v for k, v in vars(args).items() if k in keys}
+    if given.get("data_dir"):       # freeze, deploy and --resume may run from another directory
+        given["data_dir"] = os.path.abspath(given["data_dir"])
     d = TrainConfig()
     preset = recipe_defaults(given.get("recipe", d.recipe), given.get("model", d.model), given.get("dataset", d.dataset))
     return TrainConfig(**{**preset, **given})

@@ -18,6 +18,7 @@ from mixq.train.errors import ConfigError
 from mixq.train.methods import METHODS
 
 RECIPES = ("mixq", "paper")
+DERIVED = {"num_classes", "input_shape", "classes"}      # config fields the data set sets, no option
 
 
 @dataclass
@@ -48,12 +49,17 @@ class CommonConfig:
     history_test_images: int | None = None   # per-epoch history rows: the first N test images (last epoch: all)
     compile: bool = False           # torch.compile the model for training
     amp: str = "off"                # "bf16": autocast convolutions to bfloat16 (CSQ weights stay fp32)
-    num_classes: int = 10
+    input_size: tuple | None = None         # --dataset folder: (H, W) its images are resized to (required there)
+    num_classes: int = 10                   # these three come from the data set (train.loop sets them)
     input_shape: tuple = (1, 8, 8)
+    classes: tuple | None = None            # class names in label order, where the data set names them
+
+    SEQUENCES = ("input_size", "input_shape", "classes")    # tuples here, lists in to_dict()
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["input_shape"] = list(self.input_shape)
+        for k in self.SEQUENCES:
+            d[k] = None if d[k] is None else list(d[k])
         return d
 
     @classmethod
@@ -63,8 +69,9 @@ class CommonConfig:
         if unknown:
             raise ConfigError(f"unknown config keys: {sorted(unknown)}")
         d = dict(d)
-        if "input_shape" in d:
-            d["input_shape"] = tuple(d["input_shape"])
+        for k in cls.SEQUENCES:
+            if d.get(k) is not None:
+                d[k] = tuple(d[k])
         return cls(**d)
 
     def method_class(self) -> type:
@@ -85,13 +92,16 @@ class CommonConfig:
         return self.epochs - self.finetune()
 
     def validate(self):
-        from mixq.data import DATASETS
+        """ConfigError (or, for --input-size, DataError) naming the first bad option; also turns
+        input_size into the (H, W) pair it means ("32" -> (32, 32))."""
+        from mixq.data import DATASETS, input_size_for
         from mixq.models import MODELS, is_user_model
         if self.model not in MODELS and not is_user_model(self.model):
             raise ConfigError(f"--model {self.model}: unknown model '{self.model}' (choose from: {', '.join(MODELS)}, "
                               "or FILE.py:FUNCTION or package.module:FUNCTION for your own)")
         if self.dataset not in DATASETS:
             raise ConfigError(f"--dataset {self.dataset}: unknown dataset '{self.dataset}' (choose from: {', '.join(DATASETS)})")
+        self.input_size = input_size_for(self.dataset, self.input_size)
         self.validate_options()
 
     def validate_options(self):

@@ -182,8 +182,8 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
     state = resume_state(ckpt_path, cfg) if resume and not warming else None
     init = warm_up(cfg, out, evaluate, check) if state is None and cfg.warmup_epochs else cfg.init_from
     proc = start_process(cfg)
-    spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed)
-    cfg.num_classes, cfg.input_shape = spec.num_classes, spec.input_shape
+    spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed, cfg.input_size)
+    cfg.num_classes, cfg.input_shape, cfg.classes = spec.num_classes, spec.input_shape, spec.classes
     torch.manual_seed(cfg.seed)
     calib = calibration_images(spec)
     if state is None:
@@ -192,7 +192,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
             check(model, method, cfg)
         else:
             check_activations(model, cfg.act_bits, cfg.model)
-        calibrate(model, calib[0])
+        calibrate(model, calib[0], cfg)
         start_epoch, history = 0, []
         if proc.main:
             clear_reports(out)
@@ -368,13 +368,20 @@ def calibration_images(spec, n: int = 2048):
             torch.tensor([int(spec.train[i][1]) for i in range(n)]))
 
 
-def calibrate(model, x):
+def calibrate(model, x, cfg: TrainConfig):
     """Input scale and activation clips from the same first 2048 training images on every
-    process (under DDP, rank 0's copy is broadcast anyway)."""
+    process (under DDP, rank 0's copy is broadcast anyway). This is the model's first forward:
+    a model that cannot take the data set's images (digits-cnn's one input channel on RGB
+    images, a user model's fixed size) is one line here, before any epoch."""
     model.input_quant.calibrate(x)
     model.train()
     with torch.no_grad():
-        model(x[:256])          # ActQuant initializes its clip from the first batch it sees
+        try:
+            model(x[:256])      # ActQuant initializes its clip from the first batch it sees
+        except RuntimeError as e:       # torch's shape errors
+            msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise TrainError(f"--model {cfg.model} does not take --dataset {cfg.dataset}'s images "
+                             f"{tuple(cfg.input_shape)}: {msg}") from None
 
 
 def check_finite(first_bad, epoch, ckpt_path, proc):
