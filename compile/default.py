@@ -7,7 +7,8 @@ those of the golden interpreter (`mixq.graph`, docs/integer-contract.md):
     conv2d / linear   int32 accumulation of the (int8|uint8) input times the (int8|int16)
                       weight, + int32 bias; then either raw int32 or requantized:
     requantization    y = clip((acc * M + 2^(s-1)) >> s, 0, 2^bits - 1) in int64, -> uint8
-    add               sum_i rq(x_i, M_i, s_i) in int64, clip, -> uint8
+                      (out_signed: clip to +-(2^(bits-1) - 1), -> int8; graph.out_range)
+    add               sum_i rq(x_i, M_i, s_i) in int64, clip, -> uint8 (or int8)
     avgpool           zero-padded int32 window sum, rq, clip
     maxpool           max over zero-padded windows (zero, not -inf: the contract's padding)
     flatten           reshape NCHW -> N(CHW)
@@ -46,14 +47,15 @@ def _rq(acc64, m, r, s, c):
     return (acc64 * m[c] + r[c]) >> s[c]
 
 
-def _clip_u8(y64, bits: int):
-    hi = tirx.const((1 << bits) - 1, "int64")
-    return te.max(te.min(y64, hi), tirx.const(0, "int64")).astype("uint8")
+def _clip_out(y64, attrs: dict):
+    """graph.clip_out: the output's clip and dtype (uint8, or int8 with out_signed)."""
+    lo, hi, dtype = G.out_range(attrs)
+    return te.max(te.min(y64, tirx.const(hi, "int64")), tirx.const(lo, "int64")).astype(dtype)
 
 
 # ----------------------------------------------------------------------------- conv / linear
-def _finish_te(acc, bias, req, out_bits: int | None):
-    """acc (int32) + bias -> raw int32, or requantized uint8 when `req` holds (M, R, S)."""
+def _finish_te(acc, bias, req, attrs: dict):
+    """acc (int32) + bias -> raw int32, or requantized uint8 (int8) when `req` holds (M, R, S)."""
     def raw(*i):
         return acc(*i) + bias[i[1]]
 
@@ -63,7 +65,7 @@ def _finish_te(acc, bias, req, out_bits: int | None):
 
     def requant(*i):
         x = acc(*i).astype("int64") + bias[i[1]].astype("int64")
-        return _clip_u8(_rq(x, m, r, s, i[1]), out_bits)
+        return _clip_out(_rq(x, m, r, s, i[1]), attrs)
     return te.compute(acc.shape, requant, name="requant")
 
 
@@ -79,21 +81,18 @@ def _weight_layer_args(op: G.Op):
 def lower_conv2d(ctx, op: G.Op, inputs):
     a = op.attrs
     stride, padding, groups = a["stride"], a["padding"], a.get("groups", 1)
-    out_bits = a.get("out_bits")
 
     def conv(x, w, b, *req):
         acc = topi.nn.conv(x, w, stride, padding, 1, groups, "NCHW", "OIHW", out_dtype="int32")
-        return _finish_te(acc, b, req or None, out_bits)
+        return _finish_te(acc, b, req or None, a)
     return ctx.emit_kernel(conv, inputs[0], *_weight_layer_args(op), name=op.name)
 
 
 @register("linear", "default")
 def lower_linear(ctx, op: G.Op, inputs):
-    out_bits = op.attrs.get("out_bits")
-
     def linear(x, w, b, *req):
         acc = topi.nn.dense(x, w, out_dtype="int32")
-        return _finish_te(acc, b, req or None, out_bits)
+        return _finish_te(acc, b, req or None, op.attrs)
     return ctx.emit_kernel(linear, inputs[0], *_weight_layer_args(op), name=op.name)
 
 
@@ -104,7 +103,7 @@ def lower_add(ctx, op: G.Op, inputs):
     consts = []
     for i in range(len(inputs)):
         consts += requant_constants(op.arrays[f"multiplier{i}"], op.arrays[f"shift{i}"], channels)
-    out_bits, k = op.attrs["out_bits"], len(inputs)
+    k = len(inputs)
 
     def add(*args):
         xs, req = args[:k], args[k:]
@@ -115,7 +114,7 @@ def lower_add(ctx, op: G.Op, inputs):
                 m, r, s = req[3 * j:3 * j + 3]
                 term = _rq(x(*i).astype("int64"), m, r, s, i[1])
                 total = term if total is None else total + term
-            return _clip_u8(total, out_bits)
+            return _clip_out(total, op.attrs)
         return te.compute(xs[0].shape, body, name="add")
     return ctx.emit_kernel(add, *inputs, *consts, name=op.name)
 
@@ -137,14 +136,14 @@ def lower_avgpool(ctx, op: G.Op, inputs):
     channels = ctx.tensor(op.inputs[0]).shape[0]
     m, r, s = requant_constants(op.arrays["multiplier"], op.arrays["shift"], channels)
     # window sums fit int32 easily (8-bit values, small windows); graph.value_bounds bounds them
-    k, stride, padding, out_bits = a["kernel"], a["stride"], a.get("padding", 0), a["out_bits"]
+    k, stride, padding = a["kernel"], a["stride"], a.get("padding", 0)
 
     def avgpool(x, m, r, s):
         xp, shape, ry, rx = _zero_padded_windows(x, k, stride, padding, "pool")
         total = te.compute(shape, lambda b, c, i, j: te.sum(
             xp[b, c, i * stride + ry, j * stride + rx].astype("int32"), axis=[ry, rx]), name="window_sum")
-        return te.compute(shape, lambda b, c, i, j: _clip_u8(
-            _rq(total[b, c, i, j].astype("int64"), m, r, s, c), out_bits), name="avgpool")
+        return te.compute(shape, lambda b, c, i, j: _clip_out(
+            _rq(total[b, c, i, j].astype("int64"), m, r, s, c), a), name="avgpool")
     return ctx.emit_kernel(avgpool, inputs[0], m, r, s, name=op.name)
 
 

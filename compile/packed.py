@@ -237,6 +237,7 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
 @register("linear", "packed", layout=PACKED)
 @register("conv2d", "packed", layout=PACKED)
 def lower_conv(ctx, op: G.Op, inputs):
+    _unsigned_output(op)
     if op.kind == "conv2d" and op.attrs.get("groups", 1) != 1:
         raise Unsupported(f"layer '{op.name}': grouped convolution")
     v = _conv(ctx, op, inputs[0])
@@ -247,9 +248,17 @@ def lower_conv(ctx, op: G.Op, inputs):
     return _now(v)
 
 
+def _unsigned_output(op: G.Op):
+    """The packed epilogues store the ReLU clip 0..2^bits - 1; a signed (int8) output, a linear
+    bottleneck's, takes the default lowering for now."""
+    if op.attrs.get("out_signed"):
+        raise Unsupported(f"layer '{op.name}': signed (int8) output")
+
+
 # ----------------------------------------------------------------------------- add / pools
 @register("add", "packed", layout=PACKED)
 def lower_add(ctx, op: G.Op, inputs):
+    _unsigned_output(op)
     isa = _isa(ctx)
     if ctx.graph.input.name in op.inputs:
         raise Unsupported(f"layer '{op.name}': {op.kind} of the network input")

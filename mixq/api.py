@@ -147,7 +147,7 @@ def prepare(model: nn.Module, method: str = "csq", target_bits: float = 3.0, act
         cfg.validate_options()
     except ConfigError as e:
         raise APIError(str(e)) from None
-    net = surgery.one_module_per_activation(net)
+    net = surgery.insert_signed_quantizers(surgery.one_module_per_activation(net), cfg.act_bits)
     m = cfg.method_class().from_config(cfg, net)
     qmodel = quant.QuantModel(m.prepare(net))
     freezable(qmodel, m, cfg)

@@ -131,7 +131,7 @@ def _check_finite(layer: str, what: str, *values, positive: bool = False):
 # What freeze has a rule for, besides the modules of _MODULES and quantized weight layers.
 _FUNCTIONS = {operator.add: "add", torch.add: "add", torch.flatten: "flatten", torch.reshape: "reshape"}
 _METHODS = {"add": "add", "flatten": "flatten", "view": "reshape", "reshape": "reshape", "size": "size"}
-_MODULES = (quant.InputQuant, quant.ActQuant, nn.BatchNorm2d, nn.BatchNorm1d, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
+_MODULES = (quant.InputQuant, quant.ActQuant, quant.SignedQuant, nn.BatchNorm2d, nn.BatchNorm1d, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
             nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
 
 
@@ -200,12 +200,12 @@ class _Builder:
             raise FreezeError(f"layer '{acc.layer}': folded bias does not fit int32 (BN gamma ~ 0?)")
         return b.astype(np.int32)
 
-    def _constant_channels(self, acc: Acc, out_scale: float, levels: int | None):
+    def _constant_channels(self, acc: Acc, out_scale: float, clip: tuple | None):
         """A channel of scale 0 (batch norm gamma = 0: a pruned channel, zero_init_residual) is
         the constant acc.bias[c] whatever its input. It becomes an ordinary channel of scale
         out_scale / 2^s, with 2^(s-1) above its accumulator bound, and bias q * out_scale: the
         integer bias is then q * 2^s and requantizing to out_scale gives exactly q for every input
-        (q = the constant's level, clipped to 0..levels under a ReLU)."""
+        (q = the constant's level, clipped to the output range `clip`, (lo, hi), when given)."""
         const = np.flatnonzero(acc.scale == 0)
         if not len(const) or acc.kind == "avgpool":
             return
@@ -214,8 +214,8 @@ class _Builder:
         w = acc.arrays["weight"].astype(np.int64)
         bound = np.abs(w).reshape(len(w), -1).sum(axis=1) * x_max          # |acc| per channel
         q = np.rint(acc.bias / out_scale)
-        if levels is not None:
-            q = np.clip(q, 0, levels)
+        if clip is not None:
+            q = np.clip(q, *clip)
         for c in const:
             s = int(bound[c]).bit_length() + 1
             if abs(q[c]) * 2.0**s + bound[c] > G.INT32_MAX:
@@ -256,7 +256,7 @@ class _Builder:
             return self._weight_layer(name, m, x)
         if isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
             return self._bn(name, m, x)
-        if isinstance(m, quant.ActQuant):
+        if isinstance(m, (quant.ActQuant, quant.SignedQuant)):
             return self._act(name, m, x)
         if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
             return self._avgpool(name, m, x)
@@ -318,16 +318,21 @@ class _Builder:
         out_scale = m.scale()
         _check_finite(name, "activation clip", out_scale, positive=True)
         bits = m.bits
+        # a ReLU-like ActQuant: uint8 0..levels; a SignedQuant: int8 -levels..levels (out_signed)
+        signed = isinstance(m, quant.SignedQuant)
+        dtype, out_attrs = ("int8", {"out_bits": bits, "out_signed": True}) if signed else ("uint8", {"out_bits": bits})
         if isinstance(x, Acc):
-            self._constant_channels(x, out_scale, m.levels)
+            if signed and x.kind == "avgpool":
+                raise FreezeError(f"layer '{name}': a signed activation after average pooling is not supported")
+            self._constant_channels(x, out_scale, (-m.levels if signed else 0, m.levels))
             real = x.scale / out_scale
             if x.kind == "avgpool":       # one multiplier: the pool's divisor and scale ratio
                 real, arrays = real[:1], {}
             else:
                 arrays = {**x.arrays, "bias": self._int_bias(x)}
             arrays["multiplier"], arrays["shift"] = G.quantize_multiplier(real, x.layer)
-            out = self._emit(x.layer, x.kind, [x.input.name], x.shape, "uint8", bits, out_scale,
-                             {**x.attrs, "out_bits": bits}, arrays)
+            out = self._emit(x.layer, x.kind, [x.input.name], x.shape, dtype, bits, out_scale,
+                             {**x.attrs, **out_attrs}, arrays)
             return Quant(out.name, out_scale, x.shape)
         branches = x.branches if isinstance(x, Sum) else [x]
         inputs, arrays = [], {}
@@ -340,7 +345,7 @@ class _Builder:
                 inputs.append(br.name)
                 real = np.full(x.shape[0], br.scale / out_scale)
             arrays[f"multiplier{i}"], arrays[f"shift{i}"] = G.quantize_multiplier(real, name)
-        out = self._emit(name, "add", inputs, x.shape, "uint8", bits, out_scale, {"out_bits": bits}, arrays)
+        out = self._emit(name, "add", inputs, x.shape, dtype, bits, out_scale, out_attrs, arrays)
         return Quant(out.name, out_scale, x.shape)
 
     def _add(self, name, a, b):

@@ -8,9 +8,11 @@ A graph is a list of ops in execution order. Every tensor is NCHW (or NC) with b
 shapes below omit the batch dimension.
 
     input   int8/uint8      quantized once by the runtime: q = clip(round(x / scale))
-    conv2d  int8|uint8 -> uint8 (requantized, ReLU clip) | int32 (acc + bias, "raw")
+    conv2d  int8|uint8 -> uint8 (requantized, ReLU clip) | int8 (requantized, symmetric clip:
+            attr out_signed) | int32 (acc + bias, "raw")
     linear  same as conv2d for 2-D tensors
     add     n-ary: y = clip(sum_i rq(x_i, M_i, s_i), 0, 2^bits - 1), M_i/s_i per channel
+            (out_signed: clip to +-(2^(bits-1) - 1), int8)
     avgpool y = clip(rq(window_sum, M, s), 0, 2^bits - 1)
     maxpool integer max over zero-padded windows (for uint8 inputs the same as -inf padding)
     flatten NCHW -> N(C*H*W), row-major
@@ -125,6 +127,22 @@ def clip_bits(x: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(x, 0, (1 << bits) - 1)
 
 
+def out_range(attrs: dict) -> tuple[int, int, str]:
+    """(lo, hi, dtype) of a requantizing op's output: uint8 [0, 2^bits - 1] (the ReLU clip), or
+    with attr out_signed int8 [-(2^(bits-1) - 1), 2^(bits-1) - 1] (symmetric, like the input:
+    a signed activation, e.g. MobileNetV2's linear bottleneck)."""
+    bits = attrs["out_bits"]
+    if attrs.get("out_signed"):
+        hi = (1 << (bits - 1)) - 1
+        return -hi, hi, "int8"
+    return 0, (1 << bits) - 1, "uint8"
+
+
+def clip_out(y: np.ndarray, attrs: dict) -> np.ndarray:
+    lo, hi, dtype = out_range(attrs)
+    return np.clip(y, lo, hi).astype(dtype)
+
+
 # ----------------------------------------------------------------------------- golden ops
 def _pad_nchw(x, pad):
     if pad == 0:
@@ -166,7 +184,7 @@ def _finish(acc, op):
     if "multiplier" not in op.arrays:
         return acc.astype(np.int32)
     y = rq(acc, op.arrays["multiplier"], op.arrays["shift"])
-    return clip_bits(y, op.attrs["out_bits"]).astype(np.uint8)
+    return clip_out(y, op.attrs)
 
 
 def np_conv2d(op, x):
@@ -185,7 +203,7 @@ def np_add(op, *xs):
     for i, x in enumerate(xs):
         r = rq(x, op.arrays[f"multiplier{i}"], op.arrays[f"shift{i}"])
         total = r if total is None else total + r
-    return clip_bits(total, op.attrs["out_bits"]).astype(np.uint8)
+    return clip_out(total, op.attrs)
 
 
 def np_avgpool(op, x):
@@ -427,11 +445,14 @@ def _check_requant(op: Op, m_key: str, s_key: str, channels: int):
     _expect(bool(np.all((shift >= 1) & (shift <= MAX_SHIFT))), op, f"shifts must be in 1..{MAX_SHIFT}")
 
 
-def _check_out_bits(op: Op, out: TensorInfo):
-    bits = op.attrs.get("out_bits")
-    _expect(isinstance(bits, int) and 1 <= bits <= 8, op, f"out_bits must be 1..8, is {bits!r}")
-    _expect(out.dtype == "uint8" and out.bits == bits, op,
-            f"output tensor must be uint8 with {bits} bits, is {out.dtype} with {out.bits}")
+def _check_out_bits(op: Op, out: TensorInfo, signed_ok: bool = True):
+    bits, signed = op.attrs.get("out_bits"), op.attrs.get("out_signed", False)
+    _expect(isinstance(bits, int) and (2 if signed else 1) <= bits <= 8, op,
+            f"out_bits must be {'2' if signed else '1'}..8, is {bits!r}")
+    _expect(signed in (True, False) and (signed_ok or not signed), op, f"out_signed must be {'a bool' if signed_ok else 'false'}")
+    dtype = "int8" if signed else "uint8"
+    _expect(out.dtype == dtype and out.bits == bits, op,
+            f"output tensor must be {dtype} with {bits} bits, is {out.dtype} with {out.bits}")
 
 
 def _infer_shape(op: Op, ins: list, out: TensorInfo) -> tuple:
@@ -484,7 +505,7 @@ def _infer_shape(op: Op, ins: list, out: TensorInfo) -> tuple:
         _expect(len(x) == 3 and x[1] + 2 * p >= k and x[2] + 2 * p >= k, op, f"window {k} does not fit input {x}")
         if op.kind == "avgpool":
             _check_requant(op, "multiplier", "shift", x[0])
-            _check_out_bits(op, out)
+            _check_out_bits(op, out, signed_ok=False)
         else:
             _expect(out.dtype == ins[0].dtype, op, "output dtype must equal the input's")
         return (x[0], _out_size(x[1], k, s, p), _out_size(x[2], k, s, p))
@@ -555,7 +576,7 @@ def value_bounds(graph: IntGraph) -> dict:
                     f"layer '{op.name}': int32 accumulator can overflow (bound {acc} > 2^31-1 for "
                     f"{op.attrs['storage_bits']}-bit weights, fan-in {fan_in}, inputs <= {xs[0]})")
             acc_bounds[op.name] = acc
-            out = acc if "multiplier" not in op.arrays else (1 << op.attrs["out_bits"]) - 1
+            out = acc if "multiplier" not in op.arrays else out_range(op.attrs)[1]
         elif op.kind == "add":
             # per channel: the bound of a channel uses that channel's own multiplier and shift
             # (a zero-multiplier channel's shift must not combine with another channel's M)
@@ -570,7 +591,7 @@ def value_bounds(graph: IntGraph) -> dict:
             if total > INT32_MAX:
                 raise GraphError(f"layer '{op.name}': residual sum can overflow int32 (bound {total})")
             acc_bounds[op.name] = total
-            out = (1 << op.attrs["out_bits"]) - 1
+            out = out_range(op.attrs)[1]
         elif op.kind == "avgpool":
             acc = xs[0] * op.attrs["kernel"] ** 2
             acc_bounds[op.name] = acc

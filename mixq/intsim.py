@@ -28,7 +28,12 @@ def _finish(acc, arrays, attrs):
     acc = acc + _pc(arrays["bias"], acc.ndim)
     if "multiplier" not in arrays:
         return acc.to(torch.int32)
-    return rq(acc, arrays["multiplier"], arrays["shift"]).clamp(0, (1 << attrs["out_bits"]) - 1).to(torch.uint8)
+    return _clip_out(rq(acc, arrays["multiplier"], arrays["shift"]), attrs)
+
+
+def _clip_out(y, attrs):
+    lo, hi, dtype = G.out_range(attrs)
+    return y.clamp(lo, hi).to(getattr(torch, dtype))
 
 
 def t_conv2d(op, arrays, x):
@@ -44,7 +49,7 @@ def t_linear(op, arrays, x):
 
 def t_add(op, arrays, *xs):
     total = sum(rq(x, arrays[f"multiplier{i}"], arrays[f"shift{i}"]) for i, x in enumerate(xs))
-    return total.clamp(0, (1 << op.attrs["out_bits"]) - 1).to(torch.uint8)
+    return _clip_out(total, op.attrs)
 
 
 def t_avgpool(op, arrays, x):

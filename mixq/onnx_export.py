@@ -123,7 +123,12 @@ class _Exporter:
     def quantize(self, real: str, tensor: str, out_bits: int | None = None):
         """Real value -> the frozen tensor's integers; clip first when fewer than 8 bits."""
         t = self.g.tensors[tensor]
-        if out_bits is not None and out_bits < 8:
+        if out_bits is not None and t.dtype == "int8":     # a signed activation: symmetric, -128 never occurs
+            levels = (1 << (out_bits - 1)) - 1
+            hi = self.init(f"{tensor}_clip_max", np.float32(levels * t.scale))
+            lo = self.init(f"{tensor}_clip_min", np.float32(-levels * t.scale))
+            real = self.node("Clip", [real, lo, hi], f"{tensor}_clip")
+        elif out_bits is not None and out_bits < 8:
             hi = self.init(f"{tensor}_clip_max", np.float32(((1 << out_bits) - 1) * t.scale))
             lo = self.init(f"{tensor}_clip_min", np.float32(0.0))
             real = self.node("Clip", [real, lo, hi], f"{tensor}_clip")

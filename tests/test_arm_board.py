@@ -178,3 +178,20 @@ def test_digits_train_freeze_compile_deploy_on_the_board(board, tmp_path, mixq):
     assert report["board"] == board.address and report["board_arch"] == "aarch64"
     assert report["images_checked"] > 0 and report["mismatches"] == 0
     assert report["bit_exact"] is True
+
+
+@pytest.mark.slow
+def test_signed_activations_and_depthwise_convs_are_bit_exact_on_the_board(board, tmp_path, mixq):
+    """A user net with MobileNetV2's linear bottlenecks (int8 activations, out_signed) and
+    depthwise convs, compiled for aarch64: every output bit-exact on the emulated board."""
+    from test_user_model import NET
+    (tmp_path / "mynet.py").write_text(NET)
+    run, frozen, build = tmp_path / "run", tmp_path / "frozen", tmp_path / "build"
+    for args in (["train", "--model", f"{tmp_path / 'mynet.py'}:bottleneck_net", "--epochs", "3", "--out", str(run)],
+                 ["freeze", str(run / "checkpoint.pt"), "--out", str(frozen)],
+                 ["compile", str(frozen), "--target", "aarch64", "--out", str(build)],
+                 ["deploy", str(build), "--board", board.address, "--repeat", "3", "--no-progress"]):
+        r = mixq(*args)
+        assert r.returncode == 0, f"mixq {args[0]}: {r.stderr[-2000:]}"
+    report = json.loads((build / "report.json").read_text())
+    assert report["board_arch"] == "aarch64" and report["mismatches"] == 0 and report["bit_exact"] is True

@@ -42,14 +42,16 @@ def ref_conv_acc(x, w, stride, pad, groups):
     return out
 
 
-def ref_finish(acc, bias, mult=None, shift=None, out_bits=None):
-    """acc + bias, then rq + clip per channel (axis 1) when a multiplier is given."""
+def ref_finish(acc, bias, mult=None, shift=None, out_bits=None, signed=False):
+    """acc + bias, then rq + clip per channel (axis 1) when a multiplier is given: to
+    0..2^bits - 1, or (signed) to -(2^(bits-1) - 1)..2^(bits-1) - 1."""
+    lo, hi = (-((1 << (out_bits - 1)) - 1), (1 << (out_bits - 1)) - 1) if signed else (0, (1 << (out_bits or 1)) - 1)
     out = np.empty(acc.shape, dtype=np.int64)
     for idx in np.ndindex(acc.shape):
         c = idx[1]
         v = int(acc[idx]) + int(bias[c])
         if mult is not None:
-            v = min(max(ref_rq(v, int(mult[c]), int(shift[c])), 0), (1 << out_bits) - 1)
+            v = min(max(ref_rq(v, int(mult[c]), int(shift[c])), lo), hi)
         out[idx] = v
     return out
 
@@ -177,6 +179,47 @@ def test_conv2d_matches_loops(dtype, c, o, k, stride, pad, groups, sb, requant):
     assert np.array_equal(got.astype(np.int64), want)
     if requant:   # the test data reaches both clip bounds and values in between
         assert got.min() == 0 and got.max() == 63 and len(np.unique(got)) > 3
+
+
+@pytest.mark.parametrize("kind,groups", [("conv2d", 1), ("conv2d", 4), ("linear", 1)])
+def test_a_signed_output_is_clipped_symmetrically_to_int8(kind, groups):
+    """out_signed (a linear bottleneck's output): clip to +-(2^(bits-1) - 1), int8; -2^(bits-1)
+    never occurs, as for the network input."""
+    rng = np.random.default_rng(11 + groups)
+    c, o = 4, 8
+    x = rng.integers(-127, 128, size=(2, c, 5, 5) if kind == "conv2d" else (3, c)).astype(np.int8)
+    w = rng.integers(-7, 8, size=(o, c // groups, 3, 3) if kind == "conv2d" else (o, c)).astype(np.int8)
+    acc = ref_conv_acc(x, w, 1, 1, groups) if kind == "conv2d" else \
+        np.array([[sum(int(a) * int(b) for a, b in zip(row, wr)) for wr in w] for row in x], dtype=object)
+    span = np.abs(acc.astype(np.float64)).max(axis=tuple(i for i in range(acc.ndim) if i != 1)) + 1
+    bias = (rng.uniform(-0.3, 0.3, size=o) * span).astype(np.int32)
+    real = rng.uniform(20, 40, size=o) / span                      # past both clip bounds
+    m, sh = G.quantize_multiplier(real)
+    attrs = {"storage_bits": 4, "out_bits": 5, "out_signed": True}
+    if kind == "conv2d":
+        attrs.update(stride=1, padding=1, groups=groups)
+    op = G.Op("q", kind, ["x"], "y", attrs, {"weight": w, "bias": bias, "multiplier": m, "shift": sh})
+    got = golden_and_sim(op, x)
+    want = ref_finish(acc, bias, m, sh, 5, signed=True)
+    assert got.dtype == np.int8 and np.array_equal(got.astype(np.int64), want)
+    assert got.min() == -15 and got.max() == 15 and len(np.unique(got)) > 5
+
+
+def test_a_signed_add_sums_signed_branches_into_int8():
+    rng = np.random.default_rng(5)
+    a = rng.integers(-127, 128, size=(2, 3, 4, 4)).astype(np.int8)               # a signed activation
+    b = rng.integers(-(2**16), 2**16, size=(2, 3, 4, 4)).astype(np.int32)        # a raw conv branch
+    (ma, sa), (mb, sb) = G.quantize_multiplier(np.full(3, 0.6)), G.quantize_multiplier(np.full(3, 2.0**-10))
+    op = G.Op("add", "add", ["a", "b"], "y", {"out_bits": 8, "out_signed": True},
+              {"multiplier0": ma, "shift0": sa, "multiplier1": mb, "shift1": sb})
+    got = golden_and_sim(op, a, b)
+    want = np.empty(a.shape, dtype=np.int64)
+    for idx in np.ndindex(a.shape):
+        ch = idx[1]
+        total = ref_rq(int(a[idx]), int(ma[ch]), int(sa[ch])) + ref_rq(int(b[idx]), int(mb[ch]), int(sb[ch]))
+        want[idx] = min(max(total, -127), 127)
+    assert got.dtype == np.int8 and np.array_equal(got.astype(np.int64), want)
+    assert (got < 0).any() and (got > 0).any()
 
 
 @pytest.mark.parametrize("dtype,requant", [("int8", True), ("uint8", False)])

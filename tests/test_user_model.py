@@ -63,6 +63,31 @@ def rich_net(num_classes):
     return RichNet(num_classes)
 
 
+class Bottleneck(nn.Module):
+    """MobileNetV2's inverted residual: expand 1x1, depthwise 3x3, linear projection 1x1 (no
+    activation after it, nor after the residual add)."""
+
+    def __init__(self, c_in, c_out, expand, stride):
+        super().__init__()
+        hidden = c_in * expand
+        self.use_res = stride == 1 and c_in == c_out
+        self.conv = nn.Sequential(
+            nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+def bottleneck_net(num_classes):
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6(),
+        Bottleneck(16, 16, 4, 1), Bottleneck(16, 16, 4, 1), Bottleneck(16, 24, 2, 2),
+        nn.Conv2d(24, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+
 def not_a_module(num_classes):
     return "a string"
 '''
@@ -150,3 +175,38 @@ def test_functional_activations_and_shared_modules_become_one_quantizer_per_plac
     for name in ("digits-cnn", "resnet20"):
         zoo = build_model(name, 10)
         assert one_module_per_activation(zoo) is zoo
+
+
+def test_linear_bottlenecks_get_signed_quantizers_where_no_relu_follows():
+    from mixq.train import quant
+    from mixq.train.surgery import insert_signed_quantizers
+    ns = {}
+    exec(NET, ns)
+    torch.manual_seed(0)
+    net = ns["bottleneck_net"](10).eval()
+    x = torch.randn(3, 1, 8, 8)
+    before = net(x)
+    net = insert_signed_quantizers(net, 32)              # 32 bits: identity, same function
+    assert torch.equal(net(x), before)
+    signed = sorted(n for n, m in net.named_modules() if isinstance(m, quant.SignedQuant))
+    # the two residual blocks' sums (their add is the block's output) and the last block's projection BN
+    assert signed == ["3.1", "4.1", "5.conv.7.1"], signed
+
+
+def test_a_linear_bottleneck_deploys_bit_exact_with_signed_activations(tmp_path, mixq):
+    (tmp_path / "mynet.py").write_text(NET)
+    run, frozen, build = tmp_path / "run", tmp_path / "frozen", tmp_path / "build"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok(mixq("train", "--model", str(tmp_path / "mynet.py") + ":bottleneck_net", "--epochs", "8", "--out", run, env=env))
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["accuracy"] > 50 and m["int_accuracy"] > 50, m
+    ok(mixq("freeze", run / "checkpoint.pt", "--out", frozen))
+    manifest = json.loads((frozen / "manifest.json").read_text())
+    tensors = {t["name"]: t for t in manifest["tensors"]} if isinstance(manifest["tensors"], list) else manifest["tensors"]
+    signed_ops = [op for op in manifest["ops"] if op["attrs"].get("out_signed")]
+    assert sorted(op["kind"] for op in signed_ops) == ["add", "add", "conv2d"], signed_ops
+    assert all(tensors[op["output"]]["dtype"] == "int8" for op in signed_ops)
+    compiled = ok(mixq("compile", frozen, "--out", build))
+    assert "signed (int8) output" in compiled                 # those take the default lowering
+    out = ok(mixq("deploy", build, "--no-progress"))
+    assert "bit-exact vs golden interpreter: yes (360 images)" in out, out

@@ -159,7 +159,7 @@ def build(cfg: TrainConfig, init_weights: str | None = None, source: dict | None
     net = build_model(cfg.model, cfg.num_classes, source)
     if init_weights:
         load_float_weights(net, init_weights, cfg.model)
-    net = surgery.one_module_per_activation(net)
+    net = surgery.insert_signed_quantizers(surgery.one_module_per_activation(net), cfg.act_bits)
     method = cfg.method_class().from_config(cfg, net)
     model = quant.QuantModel(method.prepare(net))
     model.source = source

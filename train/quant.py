@@ -135,6 +135,60 @@ class ActQuant(nn.Module):
         return f"bits={self.bits}" + (f", clip={float(self.alpha):g} (fixed)" if self.fixed else "")
 
 
+class _SymmetricQuant(torch.autograd.Function):
+    """PACT's clip made symmetric: out = round(clip(x, -a, a) / s) * s, s = a / levels; gradients
+    straight through inside (-a, a), and da = sign(x) where |x| >= a."""
+
+    @staticmethod
+    def forward(ctx, x, alpha, levels: int):
+        scale = alpha / levels
+        out = torch.maximum(torch.minimum(x, alpha), -alpha).div(scale).round().mul(scale)
+        ctx.save_for_backward(x, alpha)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, alpha = ctx.saved_tensors
+        inside = x.abs() < alpha
+        return grad * inside, (grad * torch.sign(x) * ~inside).sum().reshape(alpha.shape), None
+
+
+class SignedQuant(nn.Module):
+    """A signed activation: symmetric uniform quantization to int8 (+-(2^(bits-1) - 1) levels)
+    with a learned clip. What a value gets that reaches a conv, linear or pool without passing a
+    ReLU: MobileNetV2's linear bottleneck (a projection conv + BN, a residual add with no ReLU
+    after it). Inserted by train.surgery.insert_signed_quantizers; bits=32: identity."""
+
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        self.bits = bits
+        self.alpha = nn.Parameter(torch.tensor(6.0))
+        self.register_buffer("initialized", torch.tensor(False))
+        self.ready = False
+
+    @property
+    def levels(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def scale(self) -> float:
+        return float(self.alpha.detach().abs()) / self.levels
+
+    def forward(self, x):
+        if self.bits >= 32:
+            return x
+        if self.training and not self.ready and not bool(self.initialized):
+            with torch.no_grad():
+                v = x.detach().abs().flatten()
+                q = torch.quantile(v[torch.randperm(v.numel(), device=v.device)[:100000]].float(), 0.999)
+                self.alpha.fill_(max(float(q), 1e-3))
+                self.initialized.fill_(True)
+        self.ready = self.ready or self.training
+        return _SymmetricQuant.apply(x, self.alpha.abs() + 1e-8, self.levels)
+
+    def extra_repr(self):
+        return f"bits={self.bits}, signed"
+
+
 # ----------------------------------------------------------------------------- shared by methods
 def best_clip(w: torch.Tensor, bits: int) -> torch.Tensor:
     """The clip c minimizing ||w - Q(w)||^2 for Q: round |w|/c to `bits` magnitude bits,

@@ -36,7 +36,7 @@ ACTIVATION_NAMES = frozenset({
 
 class Tracer(torch.fx.Tracer):
     """torch.fx with mixq's quantizers and quantized weight layers as single nodes (freeze's walk)."""
-    LEAVES = (quant.InputQuant, quant.ActQuant)
+    LEAVES = (quant.InputQuant, quant.ActQuant, quant.SignedQuant)
 
     def is_leaf_module(self, m, qualname):
         # any method's quantized weight layer (they all have integer_weight) is one node
@@ -213,3 +213,84 @@ def _rewrite_own_forward(module: nn.Module) -> nn.Module:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+# ----------------------------------------------------------------------------- signed activations
+# Ops that pass a quantized value through unchanged (freeze: same integer tensor or a view).
+_PASS_MODULES = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
+_PASS_CALLS = {"flatten", "view", "reshape", "size"}
+# Ops whose input freeze needs quantized (an integer tensor, not a pending affine value).
+_NEEDS_QUANT = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
+
+
+def insert_signed_quantizers(net: nn.Module, act_bits: int) -> nn.Module:
+    """A SignedQuant after every value that reaches a conv, linear, pool or flatten without a
+    ReLU-like activation on its way: MobileNetV2's linear bottleneck, whose projection conv + BN
+    output (or its residual sum with the block input) feeds the next block. Freeze makes it an
+    int8 tensor (graph: out_signed). Where the value comes from decides the place:
+
+      - a module (the projection's BatchNorm2d, a conv without BN): it becomes
+        nn.Sequential(module, SignedQuant) in its parent (its parameters then live under
+        `NAME.0.`, as an average pool's do under its ActQuant wrapper);
+      - a residual add returned by a module's forward (MobileNetV2's `x + self.conv(x)`): that
+        module becomes nn.Sequential(module, SignedQuant).
+
+    Any other producer (an add used inside its module's forward) is left alone: freeze names
+    it before training. Runs on the float net after one_module_per_activation; a net whose
+    every such value passes a ReLU (every zoo net) comes back unchanged."""
+    try:
+        graph = torch.fx.Tracer().trace(net)
+    except Exception:   # noqa: BLE001 - the freeze check names the tracing error
+        return net
+    modules = dict(net.named_modules())
+    places = {}
+    for node in graph.nodes:
+        if not (node.op == "call_module" and isinstance(modules.get(node.target), _NEEDS_QUANT)):
+            continue
+        src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
+        while src is not None and _passes_through(src, modules):
+            src = src.args[0] if isinstance(src.args[0], torch.fx.Node) else None
+        place = _signed_place(src, modules, net) if src is not None else None
+        if place:
+            places[place] = True
+    for path in places:
+        parent_path, _, name = path.rpartition(".")
+        parent = net.get_submodule(parent_path) if parent_path else net
+        setattr(parent, name, nn.Sequential(getattr(parent, name), quant.SignedQuant(act_bits)))
+    return net
+
+
+def _passes_through(node, modules) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _PASS_MODULES)
+    name = getattr(node.target, "__name__", node.target) if node.op == "call_function" else node.target
+    return node.op in ("call_function", "call_method") and name in _PASS_CALLS
+
+
+def _signed_place(node, modules, net) -> str | None:
+    """The module path to follow with a SignedQuant for the value `node`, or None when it is
+    quantized already (the input, a ReLU-like activation, an average pool: ActQuant follows it)."""
+    if node.op == "placeholder":
+        return None
+    if node.op == "call_module":
+        m = modules.get(node.target)
+        if quant.relu_clip(m)[0] or isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+            return None
+        return node.target if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) else None
+    if node.op == "call_function" and getattr(node.target, "__name__", "") in ("add", "iadd"):
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = list(stack.values())[-1][0] if stack else ""
+        if owner and _returns(net.get_submodule(owner), "add"):
+            return owner
+    return None
+
+
+def _returns(module: nn.Module, what: str) -> bool:
+    """Whether `module`'s own forward returns the result of a `what` call (an add)."""
+    try:
+        graph = _OwnForward().trace(module)
+    except Exception:   # noqa: BLE001
+        return False
+    out = next(n for n in graph.nodes if n.op == "output").args[0]
+    return isinstance(out, torch.fx.Node) and out.op in ("call_function", "call_method") and \
+        getattr(out.target, "__name__", out.target) in (what, "i" + what, "__" + what + "__")
