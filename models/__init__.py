@@ -20,6 +20,7 @@ from mixq.errors import MixqError
 from mixq.models.digits_cnn import DigitsCNN
 from mixq.models.resnet_cifar import resnet20
 from mixq.models.vgg_cifar import vgg19bn
+from mixq.models.mobilenet_v2 import mobilenetv2, mobilenetv2_imagenet
 from mixq.models.resnet_imagenet import resnet18, resnet50
 
 MODELS = {
@@ -28,6 +29,8 @@ MODELS = {
     "vgg19bn": vgg19bn,
     "resnet18": resnet18,
     "resnet50": resnet50,
+    "mobilenetv2": mobilenetv2,
+    "mobilenetv2-imagenet": mobilenetv2_imagenet,
 }
 
 

@@ -340,6 +340,36 @@ def test_walker_handles_maxpool_downsample_and_bottleneck():
         assert np.array_equal(G.run(g, xq), intsim.IntSim(g)(xq).numpy()), name
 
 
+def test_mobilenetv2_freezes_with_signed_bottlenecks_and_depthwise_convs():
+    """MobileNetV2 (CIFAR-10 variant, torchvision's definition): 17 inverted residual blocks, each
+    ending in a signed activation (the projection's output, or its residual sum with no ReLU), 17
+    depthwise convs; the integer program matches the simulation bit for bit."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 3, 32, 32)).astype(np.float32)
+    model = forced_model("mobilenetv2", (3, 32, 32), 8, None, x)
+    g = freeze_model(model, "mobilenetv2", (3, 32, 32))
+    convs = [o for o in g.ops if o.kind == "conv2d"]
+    signed = [o for o in g.ops if o.attrs.get("out_signed")]
+    assert len(convs) == 52 and sum(o.attrs["groups"] > 1 for o in convs) == 17
+    assert len(signed) == 17 and {o.kind for o in signed} == {"conv2d", "add"}
+    assert all(g.tensors[o.output].dtype == "int8" for o in signed)
+    xq = G.quantize_input(g.input, x)
+    assert np.array_equal(G.run(g, xq), intsim.IntSim(g)(xq).numpy())
+
+
+def test_torchvision_mobilenetv2_weights_load_with_init_from(tmp_path):
+    from torchvision.models import mobilenet_v2
+
+    from mixq.models import build_model
+    from mixq.train.config import load_float_weights
+    torch.manual_seed(0)
+    state = mobilenet_v2(num_classes=1000).state_dict()
+    torch.save(state, tmp_path / "tv.pt")
+    net = build_model("mobilenetv2-imagenet", 1000)
+    load_float_weights(net, str(tmp_path / "tv.pt"), "mobilenetv2-imagenet")
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+
+
 def test_zero_gamma_channels_freeze_as_constants_bit_exact():
     """A BN channel with gamma = 0 (pruned, zero_init_residual) outputs its beta whatever the
     input: it freezes to that constant exactly, under a ReLU and as a residual branch, instead

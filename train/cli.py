@@ -18,7 +18,7 @@ def add_arguments(p):
     p.argument_default = argparse.SUPPRESS          # unset options: recipe, then TrainConfig default
     mixed = [n for n, m in METHODS.items() if m.mixed]
     fixed = [n for n, m in METHODS.items() if not m.mixed]
-    p.add_argument("--model", help="digits-cnn | resnet20 | vgg19bn | resnet18 | resnet50 (the zoo), or your own: "
+    p.add_argument("--model", help="digits-cnn | resnet20 | vgg19bn | mobilenetv2 | resnet18 | resnet50 | mobilenetv2-imagenet (the zoo), or your own: "
                    "FILE.py:FUNCTION or package.module:FUNCTION, FUNCTION(num_classes) returning a float nn.Module")
     p.add_argument("--dataset", help="digits (bundled) | cifar10 | imagenet | folder (your own images: "
                    "--data-dir with train/ and val/ or test/, one subfolder per class, and --input-size)")
