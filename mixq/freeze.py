@@ -298,8 +298,8 @@ class _Builder:
         else:
             kind, shape = "linear", (out_ch,)
         self.layer_info.append({"name": name, "params": int(q.size), **{k: attrs[k] for k in ("precision", "storage_bits", "kept_bits")}})
-        return Acc(kind, name, x, np.full(out_ch, x.scale * scale), bias, shape, attrs,
-                   {"weight": q.astype(dtype)})
+        return Acc(kind, name, x, x.scale * np.broadcast_to(np.asarray(scale, dtype=np.float64), (out_ch,)).copy(),
+                   bias, shape, attrs, {"weight": q.astype(dtype)})
 
     def _bn(self, name, m, x):
         if not isinstance(x, Acc) or x.kind == "avgpool":

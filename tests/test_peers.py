@@ -219,3 +219,48 @@ def test_report_puts_the_peers_side_by_side(peer_runs, tmp_path, capsys):
     assert cli.main(["report", runs[0], str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{tmp_path}: no metrics.json" in err
+
+
+# ----------------------------------------------------------------------------- per-channel scales
+def test_per_channel_ste_weights_are_exact_integers_times_one_scale_per_channel():
+    from mixq.train.methods.ste import STEConv2d
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3)
+    with torch.no_grad():
+        conv.weight.mul_(torch.logspace(-2, 0, 6).view(6, 1, 1, 1))     # channel ranges 100x apart
+    layer = STEConv2d.from_float(conv, 3, per_channel=True)
+    q, scale = layer.integer_weight()
+    assert isinstance(scale, list) and len(scale) == 6 and q.abs().max() <= 3
+    want = q.float() * torch.tensor(scale, dtype=torch.float32).view(6, 1, 1, 1)
+    assert torch.equal(layer.ste_weight().detach(), want)
+    assert all((q[c] != 0).any() for c in range(6))         # per tensor, the small channels round to 0
+    per_tensor = STEConv2d.from_float(conv, 3).integer_weight()[0]
+    assert (per_tensor[0] == 0).all()
+    # clado's per-channel clip search: one clip per channel, each within its channel's range
+    clip = clado.quant.best_clip(conv.weight, 2, per_channel=True)
+    assert clip.shape == (6,) and (clip <= conv.weight.abs().reshape(6, -1).max(1).values + 1e-6).all()
+
+
+@pytest.mark.parametrize("method", ["ste-uniform", "clado"])
+def test_per_channel_scales_train_and_freeze_exactly(method, tmp_path):
+    from mixq.freeze import freeze_checkpoint
+    run = tmp_path / "run"
+    extra = ["--finetune-epochs", "1"] if method == "clado" else ["--weight-bits", "4"]
+    assert cli.main(["train", "--method", method, "--per-channel", "--epochs", "3", "--train-subset", "400",
+                     *extra, "--out", str(run)]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["int_agreement"] >= 97.0, m
+    g = freeze_checkpoint(str(run / "checkpoint.pt"), str(tmp_path / "frozen"))
+    convs = [o for o in g.ops if o.kind == "conv2d"]
+    assert convs and all(isinstance(o.attrs["weight_scale"], list) and len(o.attrs["weight_scale"]) == o.arrays["weight"].shape[0]
+                         for o in convs)
+    assert all(isinstance(o.attrs["weight_scale"], float) for o in g.ops if o.kind == "linear")    # logits: one scale
+    x = data.test_arrays(data.load("digits"))[0][:64]
+    xq = G.quantize_input(g.input, x)
+    assert np.array_equal(G.run(g, xq), intsim.IntSim(g)(xq).numpy())
+
+
+def test_per_channel_is_refused_for_csq(tmp_path, capsys):
+    capsys.readouterr()
+    assert cli.main(["train", "--method", "csq", "--per-channel", "--out", str(tmp_path / "r")]) == 2
+    assert "--per-channel: for ste-uniform and clado; --method csq keeps one weight scale per layer" in capsys.readouterr().err

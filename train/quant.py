@@ -190,24 +190,25 @@ class SignedQuant(nn.Module):
 
 
 # ----------------------------------------------------------------------------- shared by methods
-def best_clip(w: torch.Tensor, bits: int) -> torch.Tensor:
+def best_clip(w: torch.Tensor, bits: int, per_channel: bool = False) -> torch.Tensor:
     """The clip c minimizing ||w - Q(w)||^2 for Q: round |w|/c to `bits` magnitude bits,
-    saturating at c (sign kept). A coarse grid over fractions of max|w| is plenty."""
-    wmax = w.abs().max().clamp_min(1e-8)
+    saturating at c (sign kept). A coarse grid over fractions of max|w| is plenty.
+    per_channel: one clip per output channel (dim 0), a vector."""
+    mag = w.detach().abs().reshape(len(w), -1) if per_channel else w.detach().abs().reshape(1, -1)
+    wmax = mag.max(1).values.clamp_min(1e-8)
     if bits >= N_BITS or bits <= 0:
-        return wmax
+        return wmax if per_channel else wmax[0]
     levels = 2 ** bits - 1
-    mag = w.abs().flatten()
-    if mag.numel() > 65536:                 # a strided sample estimates the error just as well
-        mag = mag[:: mag.numel() // 65536]
-    best, best_err = wmax, None
+    if mag.shape[1] > 65536:                # a strided sample estimates the error just as well
+        mag = mag[:, :: mag.shape[1] // 65536]
+    best, best_err = wmax.clone(), torch.full_like(wmax, float("inf"))
     for frac in torch.linspace(0.05, 1.0, 40):
-        c = wmax * frac
+        c = (wmax * frac)[:, None]
         q = torch.clamp(torch.round(mag / c * levels), max=levels) * c / levels
-        err = ((mag - q) ** 2).sum()
-        if best_err is None or err < best_err:
-            best, best_err = c, err
-    return best
+        err = ((mag - q) ** 2).sum(1)
+        better = err < best_err
+        best, best_err = torch.where(better, c[:, 0], best), torch.where(better, err, best_err)
+    return best if per_channel else best[0]
 
 
 def float_twin(cls, m: nn.Module) -> nn.Module:

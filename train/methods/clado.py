@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from mixq.train import quant
 from mixq.train.methods.base import Method
-from mixq.train.methods.ste import STEConv2d, STELinear
+from mixq.train.methods.ste import PER_CHANNEL, STEConv2d, STELinear
 
 WARMUP_BITS = 8                 # storage bits during warm-up: 7 magnitude bits, the STE ceiling
 CALIBRATION_IMAGES = 256
@@ -50,7 +50,7 @@ class CLADOMixin:
         with torch.no_grad():
             self.weight_bits = int(bits)
             self.bits.fill_(int(bits))
-            self.scale.copy_(quant.best_clip(self.weight.detach(), bits - 1) / self.qmax)
+            self.scale.copy_(quant.best_clip(self.weight.detach(), bits - 1, self.scale.ndim > 0) / self.qmax)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -58,8 +58,8 @@ class CLADOMixin:
             self.weight_bits = int(self.bits)
 
     @classmethod
-    def from_float(cls, m, bits: int = WARMUP_BITS):
-        q = super().from_float(m, bits)           # STEConv2d / STELinear
+    def from_float(cls, m, bits: int = WARMUP_BITS, per_channel: bool = False):
+        q = super().from_float(m, bits, per_channel)          # STEConv2d / STELinear
         q._init_clado()
         return q
 
@@ -122,23 +122,28 @@ class CLADO(Method):
     name = "clado"
     mixed = True
     needs_finetune = True
+    options = (PER_CHANNEL,)
 
     @classmethod
     def from_config(cls, cfg, net):
-        return cls(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune())
+        return cls(cfg.act_bits, cfg.target_bits, cfg.search(), cfg.finetune(), cfg.per_channel)
 
     @staticmethod
     def default_finetune(epochs: int) -> int:
         return epochs // 3
 
-    def __init__(self, act_bits: int, target_bits: float, epochs: int, finetune_epochs: int = 0):
+    def __init__(self, act_bits: int, target_bits: float, epochs: int, finetune_epochs: int = 0,
+                 per_channel: bool = False):
         super().__init__(act_bits)
         self.target, self.epochs, self.finetune_epochs = target_bits, epochs, finetune_epochs
+        self.per_channel = per_channel
         self.calibration = None
         self.done = False               # allocated (also read back from the layers on resume)
 
     def convert(self, m):
-        return (CLADOConv2d if isinstance(m, nn.Conv2d) else CLADOLinear).from_float(m)
+        if isinstance(m, nn.Conv2d):
+            return CLADOConv2d.from_float(m, per_channel=self.per_channel)
+        return CLADOLinear.from_float(m)                        # ste.PER_CHANNEL: linear layers per layer
 
     def attach_data(self, x, y):
         self.calibration = (x[:CALIBRATION_IMAGES], y[:CALIBRATION_IMAGES])
@@ -158,7 +163,7 @@ class CLADO(Method):
         was_training = self.model.training
         self.model.eval()
         warm = [layer.scale.detach().clone() for layer in layers]
-        scales = {(i, p): quant.best_clip(layer.weight.detach(), p) / (2 ** p - 1)
+        scales = {(i, p): quant.best_clip(layer.weight.detach(), p, layer.scale.ndim > 0) / (2 ** p - 1)
                   for i, layer in enumerate(layers) for p in choices}
 
         def use(i, p, scale):
