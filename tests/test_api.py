@@ -135,3 +135,26 @@ def test_test_data_that_does_not_fit_the_build_is_refused(tmp_path):
     assert name == "user data" and x.dtype == np.float32 and y.tolist() == list(range(5))
     with pytest.raises(DeployError, match=r"images of shape \(5, 3, 8, 8\) and 5 labels do not fit the model's input \(1, 8, 8\)"):
         user_test_split(record, (np.zeros((5, 3, 8, 8)), np.arange(5)))
+
+
+def test_the_user_model_net_trains_through_the_api_and_deploys_bit_exact(tmp_path, monkeypatch):
+    """tests/test_user_model.py's RichNet (linear bottleneck + residual, depthwise-separable
+    blocks, ReLU6, functional relu, max pool, MLP head), the net its CLI test trains, here
+    through the Python API with CSQ on digits."""
+    from mixq import data
+    from test_user_model import NET
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    ns = {}
+    exec(NET, ns)                                   # noqa: S102 - the test's own net
+    spec = data.load("digits")
+    (xtr, ytr), (xte, yte) = spec.train.tensors, spec.test.tensors
+    torch.manual_seed(0)
+    q = mq.prepare(ns["rich_net"](10), method="csq", target_bits=3, epochs=10, example_input=xtr, example_labels=ytr)
+    m = mq.fit(q, torch.utils.data.DataLoader(spec.train, 64, shuffle=True), torch.utils.data.DataLoader(spec.test, 512))
+    assert m["accuracy"] > 50 and abs(m["avg_bits"] - 3) <= 0.5, m
+    graph = mq.freeze(q)
+    assert any(o.attrs.get("out_signed") for o in graph.ops)           # the bottleneck's residual sum
+    build = mq.compile(graph, out=tmp_path / "build", log=lambda *a: None)
+    report = mq.deploy(build, test=(xte, yte), repeat=3, log=lambda *a: None)
+    assert report["bit_exact"] is True and report["images_checked"] == len(yte) == 360
+    assert report["accuracy"] == pytest.approx(m["int_accuracy"])
