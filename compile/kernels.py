@@ -120,6 +120,36 @@ def pack_conv_weight(w: np.ndarray, in_block: int) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(oc * len(parts), *out.shape[2:]))
 
 
+def _epilogue(kernel, n, ho, wo, total):
+    """A conv kernel's fused epilogue on `total(i, oc, oh, ow, ob)` (acc + bias, int32):
+    (its placeholders, the output). out "raw": the int32 itself; "requant": clip(rq(total, M,
+    s) + sum_j rq(extra_j, M_j, s_j)) + act_offset in the ISA's activation dtype (extras: the
+    other branches of a fused residual add, `kernel.extras` = their (dtype, offset))."""
+    pc = (kernel.out_chunks, BLOCK)
+    args = []
+    if kernel.out == "requant":
+        mult = te.placeholder(pc, "int32", name="mult")
+        shift = te.placeholder(pc, "int32", name="shift")
+        args += [mult, shift]
+    extras = []
+    for j, (dtype, offset) in enumerate(kernel.extras):
+        extras.append((te.placeholder((n, kernel.out_chunks, ho, wo, BLOCK), dtype, name=f"extra{j}"),
+                       te.placeholder(pc, "int32", name=f"mult{j}"),
+                       te.placeholder(pc, "int32", name=f"shift{j}"), offset))
+        args += list(extras[-1][:3])
+
+    def epilogue(i, oc, oh, ow, ob):
+        a = total(i, oc, oh, ow, ob)
+        if kernel.out == "raw":
+            return a
+        y = _rq(_i64(a), mult[oc, ob], shift[oc, ob])
+        for x, m, sh, offset in extras:
+            y = y + _rq(_value(x[i, oc, oh, ow, ob], offset), m[oc, ob], sh[oc, ob])
+        return _store(y, kernel.out_bits, kernel.isa.act_dtype, kernel.isa.act_offset)
+
+    return args, te.compute((n, kernel.out_chunks, ho, wo, BLOCK), epilogue, name="epilogue")
+
+
 # ----------------------------------------------------------------------------- kernels
 @dataclass(frozen=True)
 class ConvKernel:
@@ -159,13 +189,11 @@ class ConvKernel:
 
     def tensors(self):
         (n,), b, k, s, p = _dims((self.batch,)), self.in_block, self.kernel, self.stride, self.padding
-        st = self.isa
         ho, wo = self.out_hw
         data = te.placeholder((n, self.in_chunks, self.height, self.width, b), self.in_dtype, name="data")
         weight = te.placeholder((self.out_chunks * self.parts, self.in_chunks, k, k, b // 4, BLOCK, 4),
                                 "int8", name="weight")
-        pc = (self.out_chunks, BLOCK)
-        bias = te.placeholder(pc, "int32", name="bias")
+        bias = te.placeholder((self.out_chunks, BLOCK), "int32", name="bias")
         if p:
             pad = topi.nn.pad(data, (0, 0, p, p, 0), (0, 0, p, p, 0), pad_value=self.pad_value, name="pad")
         else:
@@ -182,33 +210,16 @@ class ConvKernel:
                 * weight[oc, ico, kh, kw, icf, ob, ics].astype("int32"),
                 axis=[ico, kh, kw, icf, ics]),
             name="conv")
-        args = [data, weight, bias]
-        if self.out == "requant":
-            mult = te.placeholder(pc, "int32", name="mult")
-            shift = te.placeholder(pc, "int32", name="shift")
-            args += [mult, shift]
-        extras = []
-        for j, (dtype, offset) in enumerate(self.extras):
-            extras.append((te.placeholder((n, self.out_chunks, ho, wo, BLOCK), dtype, name=f"extra{j}"),
-                           te.placeholder(pc, "int32", name=f"mult{j}"),
-                           te.placeholder(pc, "int32", name=f"shift{j}"), offset))
-            args += list(extras[-1][:3])
 
-        def epilogue(i, oc, oh, ow, ob):
+        def total(i, oc, oh, ow, ob):
             # int32 is enough (bounds checked at lowering) and lets LLVM multiply 32x32->64
             a = acc[i, oc * self.parts, oh, ow, ob]
             for part in range(1, self.parts):
                 a = a * 2 + acc[i, oc * self.parts + part, oh, ow, ob]
-            a = a + bias[oc, ob]
-            if self.out == "raw":
-                return a
-            y = _rq(_i64(a), mult[oc, ob], shift[oc, ob])
-            for x, m, sh, offset in extras:
-                y = y + _rq(_value(x[i, oc, oh, ow, ob], offset), m[oc, ob], sh[oc, ob])
-            return _store(y, self.out_bits, st.act_dtype, st.act_offset)
+            return a + bias[oc, ob]
 
-        out = te.compute((n, self.out_chunks, ho, wo, BLOCK), epilogue, name="epilogue")
-        return args + [out]
+        args, out = _epilogue(self, n, ho, wo, total)
+        return [data, weight, bias] + args + [out]
 
     # -- schedule ---------------------------------------------------------------------
     ORDERS = ("ic-outer", "k-outer")        # reduction loop orders (design-space sketches)
