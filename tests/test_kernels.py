@@ -268,7 +268,7 @@ def test_unsupported_graphs_are_refused_with_a_reason():
     assert info["lowerings"][m] == "default" and info["lowerings"][x] == "packed"
     why = info["fallbacks"][m]
     assert "depthwise conv with channel multiplier 2" in why and "16x its multiply-adds" in why, why
-    assert lines == [f"fast path: used (x86-vnni); default lowering for {why}"]
+    assert lines == [f"fast path: used (x86-vnni) for 2 of 3 ops; default lowering for {why}"]
     with pytest.raises(Unsupported, match="AVX"):
         x86.isa_for(tvm.target.Target({"kind": "llvm", "mcpu": "core2"}))
 
@@ -423,8 +423,10 @@ def test_grouped_conv_is_bit_exact_on_the_fast_path(case, target):
 def test_depthwise_network_is_bit_exact_at_any_batch():
     g = depthwise_chain()
     G.validate(g)
-    mod, info = build.lower_module(g, tvm.target.Target(VNNI_TARGET), "auto", {"batch": None}, log=lambda m: None)
+    lines = []
+    mod, info = build.lower_module(g, tvm.target.Target(VNNI_TARGET), "auto", {"batch": None}, log=lines.append)
     assert_on_the_fast_path(g, info, mod)
+    assert lines == ["fast path: used (x86-vnni) for 11 of 11 ops (4 depthwise convs, 1 grouped conv)"]
     ex, _ = compile_fast(g, None, VNNI_TARGET)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     for batch in (1, 3):
