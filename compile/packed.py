@@ -13,10 +13,11 @@ and so is every tensor that passes between a packed op and one another strategy 
 - conv2d / linear: one ConvKernel; the bias absorbs the input's offset (sum (x + off) w =
   sum x w + off sum w). A raw conv whose only use is a residual add waits (`pending`) and is
   emitted with the add fused into its epilogue (`_fused_main` picks which branch).
-  A depthwise conv (groups = C = O) is a DepthwiseKernel; another grouped conv is a ConvKernel
-  whose output chunks each read the window of input chunks holding their groups, when that is
-  at most MAX_GROUPED_WASTE times the conv's multiply-adds (beyond that, e.g. a depthwise conv
-  with a channel multiplier: 16x, the default lowering takes it).
+  A depthwise conv (groups = C = O) is a DepthwiseKernel; on an ISA with dot-product
+  instructions another grouped conv is a ConvKernel whose output chunks each read the window
+  of input chunks holding their groups, when that is at most MAX_GROUPED_WASTE times the conv's
+  multiply-adds (beyond that, e.g. a depthwise conv with a channel multiplier: 16x, and on
+  x86-avx2 or arm-neon, the default lowering takes it).
 - add / avgpool / maxpool / flatten: AddKernel, PoolKernel, FlattenKernel (a flatten of a
   1x1 map is free).
 Every int32 intermediate is bounded statically here (`_accumulator_bound`); an op outside what
@@ -39,7 +40,8 @@ from mixq.compile.registry import Unsupported, register, register_layout
 PACKED = "packed"
 INT32_MAX = 2**31 - 1
 MAX_GROUPED_WASTE = 8       # a grouped conv on ConvKernel may do this many times its multiply-adds
-                            # (bench/depthwise.py --grouped: 8x was still faster than the default kernel)
+                            # (bench/depthwise.py --grouped, VNNI: 8x was still faster than the
+                            # default kernel, 16x not always)
 
 
 # ----------------------------------------------------------------------------- values
@@ -180,12 +182,15 @@ def _out_hw(op, src):
     return (src.height + 2 * p - k) // s + 1, (src.width + 2 * p - k) // s + 1
 
 
-def _weights(op, src: PackedValue, w):
+def _weights(op, src: PackedValue, w, isa):
     """(make(isa, batch, stride, padding, out, out_bits, extras) -> kernel, () -> its packed
     weights, the weights' int8 parts as the accumulator bound sees them) for conv/linear `op`
     on `src`: a `DepthwiseKernel` for a depthwise conv (groups = C = O) of 16-channel blocks,
     else a `ConvKernel`, a grouped conv reading a window of input chunks per output chunk
-    (`group_window`) when that costs at most MAX_GROUPED_WASTE times its multiply-adds."""
+    (`group_window`) when that costs at most MAX_GROUPED_WASTE times its multiply-adds and
+    the ISA has dot-product instructions (without them, x86-avx2 and arm-neon, the packed
+    conv's int32 multiply-adds were no faster than the default kernel's even at 1x:
+    bench/depthwise.py --target avx2 --grouped)."""
     o, c, k, _ = w.shape
     groups = op.attrs.get("groups", 1) if op.kind == "conv2d" else 1
     if groups > 1 and c == 1 and o == groups and src.block == BLOCK:
@@ -198,11 +203,17 @@ def _weights(op, src: PackedValue, w):
         width, window = chunks(c, src.block), ()
         packed = lambda: pack_conv_weight(w, src.block)
     else:
+        if c == 1:          # a depthwise conv of 4-channel blocks (<= 8 channels packed from NCHW), or:
+            kind = f"a depthwise conv of {src.block}-channel blocks" if o == groups else \
+                f"a depthwise conv with channel multiplier {o // groups}"
+        else:
+            kind = f"a grouped conv ({groups} groups of {c} -> {o // groups} channels)"
+        if isa.intrin is None:
+            raise Unsupported(f"layer '{op.name}': {kind} on {isa.name}: without dot-product instructions "
+                              "the packed conv is no faster than the default one")
         width, per, step = group_window(src.channels, o, groups, src.block)
         waste = width * src.block / c
         if waste > MAX_GROUPED_WASTE:
-            kind = (f"a depthwise conv with channel multiplier {o // groups}" if c == 1
-                    else f"a grouped conv ({groups} groups of {c} -> {o // groups} channels)")
             raise Unsupported(f"layer '{op.name}': {kind} would do {waste:.0f}x its multiply-adds on the "
                               f"packed kernel (at most {MAX_GROUPED_WASTE}x)")
         window = (chunks(src.channels, src.block), per, step)
@@ -235,7 +246,7 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
         raise Unsupported(f"layer '{op.name}': {c * groups} input channels, tensor has {src.channels}")
     # sum (x + off) w = sum x w + off sum w, so the kernel's bias is bias - off sum w
     bias = op.arrays["bias"].astype(np.int64) - src.offset * w.reshape(o, -1).sum(axis=1)
-    make, packed_weight, parts = _weights(op, src, w)
+    make, packed_weight, parts = _weights(op, src, w, isa)
     _check_bound(op.name, _accumulator_bound(parts, src.max_abs, bias), "the accumulator")
     requant = add_op is not None or "multiplier" in op.arrays
     out_bits = (add_op or op).attrs.get("out_bits", 8)

@@ -384,11 +384,24 @@ def depthwise_chain(seed=31):
     return b.graph(b.linear(b.flatten(b.pool(h, "avgpool", 2, 2)), 10, wbits=8, raw=True))
 
 
+DOT_PRODUCT_ISAS = ("x86-vnni", "arm-sdot")      # grouped convs on the fast path need them
+
+
+def expected_lowering(op, strategy: str) -> str:
+    """Where an op of these tests goes: grouped convs other than depthwise ones need
+    dot-product instructions, the fast path takes everything else."""
+    grouped = op.kind == "conv2d" and op.attrs.get("groups", 1) > 1 and op.arrays["weight"].shape[1] > 1
+    return "default" if grouped and strategy not in DOT_PRODUCT_ISAS else "packed"
+
+
 def assert_on_the_fast_path(g, info, mod=None):
-    """Every conv of `g` took the packed lowering, none fell back; with `mod`, its depthwise
-    convs are DepthwiseKernels."""
-    assert not info.get("fallbacks"), info.get("fallbacks")
-    assert all(info["lowerings"][op.name] == "packed" for op in g.ops if op.kind == "conv2d"), info["lowerings"]
+    """Every op of `g` took the packed lowering, but grouped convs on an ISA without dot
+    products (declined, with that reason); with `mod`, its depthwise convs are DepthwiseKernels."""
+    for op in g.ops:
+        assert info["lowerings"][op.name] == expected_lowering(op, info["strategy"]), (op.name, info)
+    declined = {op.name for op in g.ops if info["lowerings"][op.name] == "default"}
+    assert set(info.get("fallbacks", {})) == declined, info.get("fallbacks")
+    assert all("without dot-product instructions" in info["fallbacks"][name] for name in declined)
     if mod is not None:
         depthwise = sum(1 for op in g.ops if op.kind == "conv2d" and op.attrs["groups"] == op.arrays["weight"].shape[0]
                         and op.arrays["weight"].shape[1] == 1)
@@ -403,7 +416,8 @@ def test_depthwise_conv_is_bit_exact_on_the_fast_path(case, target):
     g, name = depthwise_graph(*case)
     x = random_input(g, 2, seed=case[0])
     got, info = run_compiled(g, 2, target, x)
-    assert info["lowerings"][name] == "packed" and not info.get("fallbacks"), info
+    assert info["lowerings"][name] == "packed"
+    assert_on_the_fast_path(g, info)
     want = G.run(g, x)
     assert got.dtype == want.dtype and np.array_equal(got, want)
 
@@ -411,11 +425,30 @@ def test_depthwise_conv_is_bit_exact_on_the_fast_path(case, target):
 @pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
                                     pytest.param(AVX2_TARGET, marks=needs_avx2, id="avx2")])
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: "{}-{}-g{}-s{}-p{}".format(*c))
-def test_grouped_conv_is_bit_exact_on_the_fast_path(case, target):
+def test_grouped_conv_is_bit_exact(case, target):
+    """On the fast path with VNNI; on AVX2 the default lowering (the packed conv's int32
+    multiply-adds are no faster there), with the reason."""
     g, name = grouped_graph(*case)
     x = random_input(g, 2, seed=case[2])
     got, info = run_compiled(g, 2, target, x)
-    assert info["lowerings"][name] == "packed" and not info.get("fallbacks"), info
+    assert info["lowerings"][name] == ("packed" if target is VNNI_TARGET else "default")
+    assert_on_the_fast_path(g, info)
+    assert np.array_equal(got, G.run(g, x))
+
+
+@pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
+                                    pytest.param(AVX2_TARGET, marks=needs_avx2, id="avx2")])
+def test_depthwise_conv_of_a_few_input_channels_is_bit_exact(target):
+    """An RGB-like input is packed in 4-channel blocks, not the DepthwiseKernel's 16: its
+    depthwise conv is a grouped ConvKernel (VNNI), or the default lowering (AVX2)."""
+    b = Builder((3, 7, 9), seed=41, input_dtype="uint8", bits=6)
+    y = b.conv("input", 3, stride=2, groups=3, wbits=9)
+    g = b.graph(b.conv(y, 16, k=1, padding=0))
+    x = random_input(g, 2, seed=41)
+    got, info = run_compiled(g, 2, target, x)
+    assert info["lowerings"][y] == ("packed" if target is VNNI_TARGET else "default"), info
+    if target is AVX2_TARGET:
+        assert "depthwise conv of 4-channel blocks on x86-avx2" in info["fallbacks"][y]
     assert np.array_equal(got, G.run(g, x))
 
 
@@ -584,9 +617,9 @@ def test_packed_depthwise_kernels_vectorize_only_power_of_two_lanes(target):
 @pytest.mark.slow
 @pytest.mark.parametrize("target", [AARCH64_SDOT, AARCH64_NEON], ids=["sdot", "neon"])
 def test_aarch64_depthwise_and_grouped_convs_are_bit_exact_on_the_board(arm_board, tmp_path, target):
-    """DepthwiseKernel (int16 multiply-adds, smlal) and grouped ConvKernels (sdot or NEON
-    multiply-adds) run on the emulated board: a network of them at any batch, the depthwise
-    cases of the x86 tests at batch 2 in one library each."""
+    """DepthwiseKernel (int16 multiply-adds, smlal) and grouped ConvKernels (sdot; with plain
+    NEON grouped convs take the default lowering) run on the emulated board: a network of them
+    at any batch, the cases of the x86 tests at batch 2 in one library each."""
     import tvm.support.cc
 
     cc = tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++")
@@ -599,7 +632,7 @@ def test_aarch64_depthwise_and_grouped_convs_are_bit_exact_on_the_board(arm_boar
     for i, case in enumerate(DEPTHWISE_CASES + GROUPED_CASES):
         g, name = depthwise_graph(*case) if len(case) == 7 else grouped_graph(*case)
         ex, report = compile_fast(g, 2, target)
-        assert report["lowerings"][name] == "packed" and not report.get("fallbacks"), report
+        assert_on_the_fast_path(g, report)
         ex.export_library(str(tmp_path / f"case{i}.so"), fcompile=cc)
         x = random_input(g, 2, seed=i)
         assert np.array_equal(run_on_board(arm_board, tmp_path / f"case{i}.so", x), G.run(g, x)), (case, report["strategy"])
