@@ -9,7 +9,8 @@ input, requantized uint8 output), kernels only: the layer's kernel from `--strat
 of a network: no layout conversion timed) and, for comparison, the same layer as a grouped
 `ConvKernel` (block-diagonal int8 dot products: 16x the multiply-adds). --grouped: grouped 3x3
 convs of a few group sizes too (default kernel against the grouped `ConvKernel`; the packed
-kernel does width * block / (C / groups) times the multiply-adds, see packed.MAX_GROUPED_WASTE).
+kernel does width * block / (C / groups) times the multiply-adds, see packed.MAX_GROUPED_WASTE;
+the fast path uses it only with dot-product instructions: on AVX2 it lost to the default one).
 --blocks: whole programs (`mixq compile`'s lowering, batch 1) of MobileNetV2 inverted
 residual blocks (1x1 expand, 3x3 depthwise, 1x1 project, the residual add when the shapes
 allow; after a 1x1 conv standing for the previous block), the depthwise conv on the fast path against the depthwise conv declined by the fast
