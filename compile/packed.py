@@ -183,9 +183,9 @@ def _out_hw(op, src):
 
 
 def _weights(op, src: PackedValue, w, isa):
-    """(make(isa, batch, stride, padding, out, out_bits, extras) -> kernel, () -> its packed
+    """(make(batch, stride, padding, out, out_bits, extras) -> kernel, () -> its packed
     weights, the weights' int8 parts as the accumulator bound sees them) for conv/linear `op`
-    on `src`: a `DepthwiseKernel` for a depthwise conv (groups = C = O) of 16-channel blocks,
+    on `src` with `isa`: a `DepthwiseKernel` for a depthwise conv (groups = C = O) of 16-channel blocks,
     else a `ConvKernel`, a grouped conv reading a window of input chunks per output chunk
     (`group_window`) when that costs at most MAX_GROUPED_WASTE times its multiply-adds and
     the ISA has dot-product instructions (without them, x86-avx2 and arm-neon, the packed
@@ -194,7 +194,7 @@ def _weights(op, src: PackedValue, w, isa):
     o, c, k, _ = w.shape
     groups = op.attrs.get("groups", 1) if op.kind == "conv2d" else 1
     if groups > 1 and c == 1 and o == groups and src.block == BLOCK:
-        def make_depthwise(isa, batch, stride, padding, out, out_bits, extras):
+        def make_depthwise(batch, stride, padding, out, out_bits, extras):
             return DepthwiseKernel(isa, batch, src.dtype, chunks(o), src.height, src.width, k, stride, padding,
                                    src.offset, out, out_bits, extras)
         return make_depthwise, (lambda: pack_depthwise_weight(w)), [w]     # int16 weights: one part
@@ -219,7 +219,7 @@ def _weights(op, src: PackedValue, w, isa):
         window = (chunks(src.channels, src.block), per, step)
         packed = lambda: pack_grouped_weight(w, groups, src.block, (width, per, step))
 
-    def make(isa, batch, stride, padding, out, out_bits, extras):
+    def make(batch, stride, padding, out, out_bits, extras):
         return ConvKernel(isa, batch, src.dtype, width, src.block, src.height, src.width, chunks(o), k, stride,
                           padding, src.offset, len(parts), out, out_bits, extras, window)
     return make, packed, parts
@@ -262,7 +262,7 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
             others.append((j, other))
             extras += ((other.dtype, other.offset),)
         out_name = add_op.output
-    kernel = make(isa, ctx.kernel_batch, stride, padding, "requant" if requant else "raw", out_bits, extras)
+    kernel = make(ctx.kernel_batch, stride, padding, "requant" if requant else "raw", out_bits, extras)
     ho, wo = kernel.out_hw
     if requant:
         v = PackedValue(isa.act_dtype, o, ho, wo, BLOCK, _stored_max(0, (1 << out_bits) - 1, isa.act_offset),
