@@ -187,13 +187,24 @@ def lower_module(graph: G.IntGraph, target, strategy: str = "auto", options: dic
     name = lowered.isa.name if preferred == "packed" else preferred
     if preferred == "packed":
         declined = "; ".join(lowered.fallbacks.values())
-        log(f"fast path: used ({name})" + (f"; default lowering for {declined}" if declined else ""))
+        log(f"fast path: used ({name}) for {_coverage(graph, lowered.chosen)}"
+            + (f"; default lowering for {declined}" if declined else ""))
     info.update(strategy=name, kernels=len(lowered.kernels), tuned_for_batch=tuned_batch if database else None,
                 tuned_kernels=sum(1 for h in lowered.schedules.values() if h == "tuned"),
                 tune_db=str(tune_db) if tune_db else None, lowerings=lowered.chosen)
     if lowered.fallbacks:
         info["fallbacks"] = lowered.fallbacks
     return schedule.schedule_module(lowered.module, target), info
+
+
+def _coverage(graph: G.IntGraph, chosen: dict) -> str:
+    """'N of M ops' on the fast path, and how many of them are depthwise and grouped convs."""
+    fast = [op for op in graph.ops if chosen.get(op.name) == "packed"]
+    grouped = [op for op in fast if op.kind == "conv2d" and op.attrs.get("groups", 1) > 1]
+    depthwise = sum(1 for op in grouped if op.arrays["weight"].shape[:2] == (op.attrs["groups"], 1))
+    kinds = [f"{n} {what}{'s' if n > 1 else ''}" for n, what in ((depthwise, "depthwise conv"),
+                                                                 (len(grouped) - depthwise, "grouped conv")) if n]
+    return f"{len(fast)} of {len(graph.ops)} ops" + (f" ({', '.join(kinds)})" if kinds else "")
 
 
 def build_library(graph: G.IntGraph, target, strategy: str = "auto", options: dict | None = None, log=print):

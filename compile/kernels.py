@@ -13,7 +13,10 @@ when it has few channels, e.g. RGB or gray), 8-bit, or int32 for a raw conv outp
     ConvKernel           8-bit x int8 -> int32 accumulators, `lanes` output x 4 input channels
                          per dot-product instruction (a TensorIR intrinsic, `PackedISA.intrin`);
                          the epilogue (bias, int64 requantization, ReLU clip, a residual add's
-                         other branches) is fused. Linear layers are 1x1 convs on a 1x1 image.
+                         other branches) is fused. Linear layers are 1x1 convs on a 1x1 image;
+                         a grouped conv reads a window of input chunks per output chunk.
+    DepthwiseKernel      depthwise conv: 8-bit x int16 -> int32, 16 channels per vector (no
+                         reduction over channels, so no dot products), the same epilogue
     AddKernel / PoolKernel / FlattenKernel / UnpackOutputKernel    small kernels
 
 Weights are packed at compile time (NumPy, `pack_conv_weight`) into [O/16 * P, C/b, K, K,
@@ -53,6 +56,8 @@ class PackedISA:
     act_offset: int              # stored activation = value + act_offset
     input_offsets: tuple         # ((graph input dtype, offset), ...)
     accumulators: int = 16       # vector accumulators a conv tile aims for (hand schedule)
+    vector_bits: int = 128       # SIMD register width (bits) and count of the target:
+    vector_registers: int = 32   # what a depthwise tile's accumulators must fit in
 
     def input_offset(self, dtype: str) -> int:
         return dict(self.input_offsets)[dtype]
@@ -120,14 +125,107 @@ def pack_conv_weight(w: np.ndarray, in_block: int) -> np.ndarray:
     return np.ascontiguousarray(out.reshape(oc * len(parts), *out.shape[2:]))
 
 
+def group_window(channels: int, out_channels: int, groups: int, in_block: int) -> tuple:
+    """(width, per, step): the data chunks a grouped conv's output chunk oc reduces over,
+    start(oc) = oc // per * step and `width` chunks on, the fewest that cover every output
+    channel's group for some (per, step); (all data chunks, out chunks, 0) when only the
+    whole input does (the conv is then a dense one with block-diagonal weights)."""
+    cg, og = channels // groups, out_channels // groups
+    data_chunks, out_chunks = chunks(channels, in_block), chunks(out_channels)
+    first, last = [], []
+    for oc in range(out_chunks):
+        lo, hi = oc * BLOCK, min(oc * BLOCK + BLOCK, out_channels) - 1
+        first.append(lo // og * cg // in_block)
+        last.append(((hi // og + 1) * cg - 1) // in_block)
+    best = (data_chunks, out_chunks, 0)
+    for per in range(1, out_chunks):
+        step = first[per]
+        starts = [oc // per * step for oc in range(out_chunks)]
+        width = max(b - a + 1 for a, b in zip(starts, last))
+        if all(a <= f for a, f in zip(starts, first)) and max(starts) + width <= data_chunks \
+                and width < best[0]:
+            best = (width, per, step)
+    return best
+
+
+def pack_grouped_weight(w: np.ndarray, groups: int, in_block: int, window: tuple) -> np.ndarray:
+    """[O, C/groups, K, K] integers of a grouped conv -> `pack_conv_weight` of the dense
+    [O, width * in_block, K, K] weights its output chunks see through their window (zero for
+    the window's channels outside the output channel's group)."""
+    width, per, step = window
+    o, cg, kh, kw = w.shape
+    og = o // groups
+    dense = np.zeros((o, width * in_block, kh, kw), dtype=np.int64)
+    for ch in range(o):
+        col = (ch // og) * cg - (ch // BLOCK) // per * step * in_block
+        dense[ch, col:col + cg] = w[ch]
+    return pack_conv_weight(dense, in_block)
+
+
+def pack_depthwise_weight(w: np.ndarray) -> np.ndarray:
+    """[C, 1, K, K] integers (any storage bits up to 16) -> int16 [C/16, K, K, 16], zero padded."""
+    c, _, kh, kw = w.shape
+    out = np.zeros((chunks(c) * BLOCK, kh, kw), dtype=np.int16)
+    out[:c] = w[:, 0]
+    return np.ascontiguousarray(out.reshape(-1, BLOCK, kh, kw).transpose(0, 2, 3, 1))
+
+
+def _epilogue(kernel, n, ho, wo, total, folded=None):
+    """A conv kernel's fused epilogue on `total(i, oc, oh, ow, ob)` (acc + bias, int32):
+    (its placeholders, the output). out "raw": the int32 itself; "requant": clip(rq(total, M,
+    s) + sum_j rq(extra_j, M_j, s_j)) + act_offset in the ISA's activation dtype (extras: the
+    other branches of a fused residual add, `kernel.extras` = their (dtype, offset)).
+    `folded`: an int64 [chunks, 16] tensor of bias * M + 2^(s-1), and `total` the accumulator
+    alone: rq(acc + bias) = (acc * M + folded) >> s (exact: |(acc + bias) * M| < 2^62)."""
+    pc = (kernel.out_chunks, BLOCK)
+    args = []
+    if kernel.out == "requant":
+        mult = te.placeholder(pc, "int32", name="mult")
+        shift = te.placeholder(pc, "int32", name="shift")
+        args += [mult, shift]
+    extras = []
+    for j, (dtype, offset) in enumerate(kernel.extras):
+        extras.append((te.placeholder((n, kernel.out_chunks, ho, wo, BLOCK), dtype, name=f"extra{j}"),
+                       te.placeholder(pc, "int32", name=f"mult{j}"),
+                       te.placeholder(pc, "int32", name=f"shift{j}"), offset))
+        args += list(extras[-1][:3])
+
+    def epilogue(i, oc, oh, ow, ob):
+        a = total(i, oc, oh, ow, ob)
+        if kernel.out == "raw":
+            return a
+        if folded is None:
+            y = _rq(_i64(a), mult[oc, ob], shift[oc, ob])
+        else:
+            y = (_i64(a) * _i64(mult[oc, ob]) + folded[oc, ob]) >> _i64(shift[oc, ob])
+        for x, m, sh, offset in extras:
+            y = y + _rq(_value(x[i, oc, oh, ow, ob], offset), m[oc, ob], sh[oc, ob])
+        return _store(y, kernel.out_bits, kernel.isa.act_dtype, kernel.isa.act_offset)
+
+    return args, te.compute((n, kernel.out_chunks, ho, wo, BLOCK), epilogue, name="epilogue")
+
+
 # ----------------------------------------------------------------------------- kernels
+class _SlidingWindow:
+    """The output size of a conv kernel (fields height, width, kernel, stride, padding)."""
+
+    @property
+    def out_hw(self):
+        f = lambda n: (n + 2 * self.padding - self.kernel) // self.stride + 1
+        return f(self.height), f(self.width)
+
+
 @dataclass(frozen=True)
-class ConvKernel:
+class ConvKernel(_SlidingWindow):
     """Packed conv2d: [N, C/b, H, W, b] 8-bit x packed weights -> [N, O/16, Ho, Wo, 16].
 
     out "requant": clip(rq(acc + bias, M, s) + sum_j rq(extra_j, M_j, s_j)) + act_offset;
     out "raw":     acc + bias as int32 (feeds a residual add that is not fused here).
-    `acc` sums stored inputs; the lowering folds the input offset into the bias."""
+    `acc` sums stored inputs; the lowering folds the input offset into the bias.
+
+    Grouped convs (`window`): output chunk oc reduces over `in_chunks` data chunks from
+    start(oc) = oc // per * step on (`pack_grouped_weight`: zero weights for the channels of
+    the window outside the output channel's group)."""
     tunable = True          # class attribute (not a field): MetaSchedule tunes these
     isa: PackedISA
     batch: int | None       # None: any batch (a symbolic dimension)
@@ -145,11 +243,7 @@ class ConvKernel:
     out: str                # "requant" | "raw"
     out_bits: int
     extras: tuple = ()      # (dtype, offset) of fused residual addends
-
-    @property
-    def out_hw(self):
-        f = lambda n: (n + 2 * self.padding - self.kernel) // self.stride + 1
-        return f(self.height), f(self.width)
+    window: tuple = ()      # grouped: (data chunks, per, step); (): dense, all in_chunks
 
     @property
     def macs(self) -> int:
@@ -159,17 +253,21 @@ class ConvKernel:
 
     def tensors(self):
         (n,), b, k, s, p = _dims((self.batch,)), self.in_block, self.kernel, self.stride, self.padding
-        st = self.isa
         ho, wo = self.out_hw
-        data = te.placeholder((n, self.in_chunks, self.height, self.width, b), self.in_dtype, name="data")
+        data_chunks = self.window[0] if self.window else self.in_chunks
+        data = te.placeholder((n, data_chunks, self.height, self.width, b), self.in_dtype, name="data")
         weight = te.placeholder((self.out_chunks * self.parts, self.in_chunks, k, k, b // 4, BLOCK, 4),
                                 "int8", name="weight")
-        pc = (self.out_chunks, BLOCK)
-        bias = te.placeholder(pc, "int32", name="bias")
+        bias = te.placeholder((self.out_chunks, BLOCK), "int32", name="bias")
         if p:
             pad = topi.nn.pad(data, (0, 0, p, p, 0), (0, 0, p, p, 0), pad_value=self.pad_value, name="pad")
         else:
             pad = data
+        if self.window:         # grouped: output chunk oc reads data chunks start(oc) + ico
+            _, per, step = self.window
+            chunk = lambda oc, ico: oc // (self.parts * per) * step + ico
+        else:
+            chunk = lambda oc, ico: ico
         ico = te.reduce_axis((0, self.in_chunks), "ico")
         kh = te.reduce_axis((0, k), "kh")
         kw = te.reduce_axis((0, k), "kw")
@@ -178,37 +276,20 @@ class ConvKernel:
         acc = te.compute(
             (n, self.out_chunks * self.parts, ho, wo, BLOCK),
             lambda i, oc, oh, ow, ob: te.sum(
-                pad[i, ico, oh * s + kh, ow * s + kw, icf * 4 + ics].astype("int32")
+                pad[i, chunk(oc, ico), oh * s + kh, ow * s + kw, icf * 4 + ics].astype("int32")
                 * weight[oc, ico, kh, kw, icf, ob, ics].astype("int32"),
                 axis=[ico, kh, kw, icf, ics]),
             name="conv")
-        args = [data, weight, bias]
-        if self.out == "requant":
-            mult = te.placeholder(pc, "int32", name="mult")
-            shift = te.placeholder(pc, "int32", name="shift")
-            args += [mult, shift]
-        extras = []
-        for j, (dtype, offset) in enumerate(self.extras):
-            extras.append((te.placeholder((n, self.out_chunks, ho, wo, BLOCK), dtype, name=f"extra{j}"),
-                           te.placeholder(pc, "int32", name=f"mult{j}"),
-                           te.placeholder(pc, "int32", name=f"shift{j}"), offset))
-            args += list(extras[-1][:3])
 
-        def epilogue(i, oc, oh, ow, ob):
+        def total(i, oc, oh, ow, ob):
             # int32 is enough (bounds checked at lowering) and lets LLVM multiply 32x32->64
             a = acc[i, oc * self.parts, oh, ow, ob]
             for part in range(1, self.parts):
                 a = a * 2 + acc[i, oc * self.parts + part, oh, ow, ob]
-            a = a + bias[oc, ob]
-            if self.out == "raw":
-                return a
-            y = _rq(_i64(a), mult[oc, ob], shift[oc, ob])
-            for x, m, sh, offset in extras:
-                y = y + _rq(_value(x[i, oc, oh, ow, ob], offset), m[oc, ob], sh[oc, ob])
-            return _store(y, self.out_bits, st.act_dtype, st.act_offset)
+            return a + bias[oc, ob]
 
-        out = te.compute((n, self.out_chunks, ho, wo, BLOCK), epilogue, name="epilogue")
-        return args + [out]
+        args, out = _epilogue(self, n, ho, wo, total)
+        return [data, weight, bias] + args + [out]
 
     # -- schedule ---------------------------------------------------------------------
     ORDERS = ("ic-outer", "k-outer")        # reduction loop orders (design-space sketches)
@@ -278,6 +359,125 @@ class ConvKernel:
         if st.intrin is not None:
             sch.tensorize(obi, st.intrin)
         for loop in (obo, owi, ohi, oci, part):
+            sch.unroll(loop)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.vectorize(sch.get_loops(sch.get_sblock("epilogue"))[-1])
+        return sch
+
+
+@dataclass(frozen=True)
+class DepthwiseKernel(_SlidingWindow):
+    """Packed depthwise conv2d (groups = C = O): [N, C/16, H, W, 16] 8-bit x int16 weights
+    [C/16, K, K, 16] -> [N, C/16, Ho, Wo, 16], with the epilogue of `ConvKernel` (out
+    "requant" | "raw", fused residual addends).
+
+    No reduction over channels, so no dot-product instruction: each of the 16 lanes of a block
+    is its own channel, acc = sum over the K*K taps of the widened stored input times the
+    weight, in int32 (exact: the products fit in 8 + 16 bits, the sum is bounded at lowering;
+    LLVM makes 16-bit multiply-adds of them, vpmaddwd/vpdpwssd on x86, smlal on NEON).
+    Weights of any storage width up to 16 bits stay one int16 tensor (no parts).
+    With out "requant" the `bias` argument is int64, bias * M + 2^(s-1) folded at lowering
+    (`folds_bias`): rq(acc + bias) = (acc * M + that) >> s, a 32x32->64 multiply per element
+    instead of a 64x64 one (the epilogue is a large share of a depthwise conv's work)."""
+    tunable = True
+    isa: PackedISA
+    batch: int | None
+    in_dtype: str
+    out_chunks: int         # = input chunks
+    height: int
+    width: int
+    kernel: int
+    stride: int
+    padding: int
+    pad_value: int          # the stored zero of the input (its offset)
+    out: str                # "requant" | "raw"
+    out_bits: int
+    extras: tuple = ()      # (dtype, offset) of fused residual addends
+
+    @property
+    def folds_bias(self) -> bool:
+        return self.out == "requant"
+
+    @property
+    def macs(self) -> int:
+        ho, wo = self.out_hw
+        return (self.batch or 1) * self.out_chunks * BLOCK * ho * wo * self.kernel ** 2
+
+    def tensors(self):
+        (n,), k, s, p = _dims((self.batch,)), self.kernel, self.stride, self.padding
+        ho, wo = self.out_hw
+        data = te.placeholder((n, self.out_chunks, self.height, self.width, BLOCK), self.in_dtype, name="data")
+        weight = te.placeholder((self.out_chunks, k, k, BLOCK), "int16", name="weight")
+        bias = te.placeholder((self.out_chunks, BLOCK), "int64" if self.folds_bias else "int32", name="bias")
+        if p:
+            pad = topi.nn.pad(data, (0, 0, p, p, 0), (0, 0, p, p, 0), pad_value=self.pad_value, name="pad")
+        else:
+            pad = data
+        kh = te.reduce_axis((0, k), "kh")
+        kw = te.reduce_axis((0, k), "kw")
+        acc = te.compute(
+            (n, self.out_chunks, ho, wo, BLOCK),
+            lambda i, c, oh, ow, b: te.sum(
+                pad[i, c, oh * s + kh, ow * s + kw, b].astype("int32") * weight[c, kh, kw, b].astype("int32"),
+                axis=[kh, kw]),
+            name="conv")
+        if self.folds_bias:
+            args, out = _epilogue(self, n, ho, wo, lambda *idx: acc[idx], folded=bias)
+        else:
+            args, out = _epilogue(self, n, ho, wo, lambda i, c, oh, ow, b: acc[i, c, oh, ow, b] + bias[c, b])
+        return [data, weight, bias] + args + [out]
+
+    # -- schedule ---------------------------------------------------------------------
+    BAND_ROWS = 8           # output rows per parallel task (at most)
+
+    def default_tiles(self):
+        """(band, oh_inner, ow_inner): output rows per parallel task (the largest divisor of
+        the output height up to BAND_ROWS: its padded input rows are copied once, (band - 1)
+        * stride + K of them), and rows and columns per register tile, 16 int32 lanes each, in
+        half the target's vector registers (the rest: inputs, weights)."""
+        ho, wo = self.out_hw
+        per_pixel = max(1, BLOCK * 32 // self.isa.vector_bits)     # registers per 16 int32 lanes
+        room = max(1, self.isa.vector_registers // 2 // per_pixel)
+        ow_inner = max(d for d in range(1, min(wo, room) + 1) if wo % d == 0)
+        band = max(d for d in range(1, min(ho, self.BAND_ROWS) + 1) if ho % d == 0)
+        return band, 1, ow_inner
+
+    def design_space(self, sch: Schedule) -> list:
+        """MetaSchedule's search space: the hand schedule with its tile sizes sampled."""
+        s = sch.copy()
+        self.schedule(s, tiles="sample")
+        return [s]
+
+    def schedule(self, sch: Schedule, tiles=None):
+        """The hand schedule (tiles=None: `default_tiles`; "sample": MetaSchedule decisions).
+
+        One parallel task per channel chunk and band of output rows (images inside it): it
+        pads the input rows the band needs into a small thread-local buffer, then walks the
+        band's row and column tiles; a tile keeps oh_inner x ow_inner 16-lane int32
+        accumulators over the K*K taps (each tap's weight vector loaded once per tile), then
+        the fused epilogue writes them."""
+        conv = sch.get_sblock("conv")
+        n, c, oh, ow, b, kh, kw = sch.get_loops(conv)
+        if tiles == "sample":
+            ohb, ohm, ohi = sch.split(oh, sch.sample_perfect_tile(oh, n=3, max_innermost_factor=2))
+            owo, owi = sch.split(ow, sch.sample_perfect_tile(ow, n=2, max_innermost_factor=16))
+        else:
+            band, oh_inner, ow_inner = tiles or self.default_tiles()
+            ohb, ohm, ohi = sch.split(oh, [None, band // oh_inner, oh_inner])
+            owo, owi = sch.split(ow, [None, ow_inner])
+        sch.reorder(c, ohb, n, ohm, owo, kh, kw, ohi, owi, b)
+        sch.reverse_compute_at(sch.get_sblock("epilogue"), owo, preserve_unit_loops=True)
+        task = sch.fuse(c, ohb)
+        ho, wo = self.out_hw
+        if _worth_threads((self.batch, self.out_chunks, ho, wo, BLOCK * self.kernel ** 2)):
+            sch.parallel(task)
+        if self.padding:
+            pad = sch.get_sblock("pad")
+            sch.compute_at(pad, n, preserve_unit_loops=True)
+            sch.vectorize(sch.get_loops(pad)[-1])
+        sch.vectorize(b)
+        init = sch.decompose_reduction(conv, kh)
+        for loop in (owi, ohi):
             sch.unroll(loop)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.vectorize(sch.get_loops(sch.get_sblock("epilogue"))[-1])

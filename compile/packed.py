@@ -13,6 +13,11 @@ and so is every tensor that passes between a packed op and one another strategy 
 - conv2d / linear: one ConvKernel; the bias absorbs the input's offset (sum (x + off) w =
   sum x w + off sum w). A raw conv whose only use is a residual add waits (`pending`) and is
   emitted with the add fused into its epilogue (`_fused_main` picks which branch).
+  A depthwise conv (groups = C = O) is a DepthwiseKernel; on an ISA with dot-product
+  instructions another grouped conv is a ConvKernel whose output chunks each read the window
+  of input chunks holding their groups, when that is at most MAX_GROUPED_WASTE times the conv's
+  multiply-adds (beyond that, e.g. a depthwise conv with a channel multiplier: 16x, and on
+  x86-avx2 or arm-neon, the default lowering takes it).
 - add / avgpool / maxpool / flatten: AddKernel, PoolKernel, FlattenKernel (a flatten of a
   1x1 map is free).
 Every int32 intermediate is bounded statically here (`_accumulator_bound`); an op outside what
@@ -27,12 +32,16 @@ import numpy as np
 from tvm import relax
 
 from mixq import graph as G
-from mixq.compile.kernels import (BLOCK, AddKernel, ConvKernel, FlattenKernel, PackInputKernel, PoolKernel,
-                                  UnpackOutputKernel, channel_blocks, chunks, pack_conv_weight, weight_parts)
+from mixq.compile.kernels import (BLOCK, AddKernel, ConvKernel, DepthwiseKernel, FlattenKernel, PackInputKernel,
+                                  PoolKernel, UnpackOutputKernel, channel_blocks, chunks, group_window,
+                                  pack_conv_weight, pack_depthwise_weight, pack_grouped_weight, weight_parts)
 from mixq.compile.registry import Unsupported, register, register_layout
 
 PACKED = "packed"
 INT32_MAX = 2**31 - 1
+MAX_GROUPED_WASTE = 8       # a grouped conv on ConvKernel may do this many times its multiply-adds
+                            # (bench/depthwise.py --grouped, VNNI: 8x was still faster than the
+                            # default kernel, 16x not always)
 
 
 # ----------------------------------------------------------------------------- values
@@ -173,6 +182,49 @@ def _out_hw(op, src):
     return (src.height + 2 * p - k) // s + 1, (src.width + 2 * p - k) // s + 1
 
 
+def _weights(op, src: PackedValue, w, isa):
+    """(make(batch, stride, padding, out, out_bits, extras) -> kernel, () -> its packed
+    weights, the weights' int8 parts as the accumulator bound sees them) for conv/linear `op`
+    on `src` with `isa`: a `DepthwiseKernel` for a depthwise conv (groups = C = O) of 16-channel blocks,
+    else a `ConvKernel`, a grouped conv reading a window of input chunks per output chunk
+    (`group_window`) when that costs at most MAX_GROUPED_WASTE times its multiply-adds and
+    the ISA has dot-product instructions (without them, x86-avx2 and arm-neon, the packed
+    conv's int32 multiply-adds were no faster than the default kernel's even at 1x:
+    bench/depthwise.py --target avx2 --grouped)."""
+    o, c, k, _ = w.shape
+    groups = op.attrs.get("groups", 1) if op.kind == "conv2d" else 1
+    if groups > 1 and c == 1 and o == groups and src.block == BLOCK:
+        def make_depthwise(batch, stride, padding, out, out_bits, extras):
+            return DepthwiseKernel(isa, batch, src.dtype, chunks(o), src.height, src.width, k, stride, padding,
+                                   src.offset, out, out_bits, extras)
+        return make_depthwise, (lambda: pack_depthwise_weight(w)), [w]     # int16 weights: one part
+    parts = weight_parts(w)
+    if groups == 1:
+        width, window = chunks(c, src.block), ()
+        packed = lambda: pack_conv_weight(w, src.block)
+    else:
+        if c == 1:          # a depthwise conv of 4-channel blocks (<= 8 channels packed from NCHW), or:
+            kind = f"a depthwise conv of {src.block}-channel blocks" if o == groups else \
+                f"a depthwise conv with channel multiplier {o // groups}"
+        else:
+            kind = f"a grouped conv ({groups} groups of {c} -> {o // groups} channels)"
+        if isa.intrin is None:
+            raise Unsupported(f"layer '{op.name}': {kind} on {isa.name}: without dot-product instructions "
+                              "the packed conv is no faster than the default one")
+        width, per, step = group_window(src.channels, o, groups, src.block)
+        waste = width * src.block / c
+        if waste > MAX_GROUPED_WASTE:
+            raise Unsupported(f"layer '{op.name}': {kind} would do {waste:.0f}x its multiply-adds on the "
+                              f"packed kernel (at most {MAX_GROUPED_WASTE}x)")
+        window = (chunks(src.channels, src.block), per, step)
+        packed = lambda: pack_grouped_weight(w, groups, src.block, (width, per, step))
+
+    def make(batch, stride, padding, out, out_bits, extras):
+        return ConvKernel(isa, batch, src.dtype, width, src.block, src.height, src.width, chunks(o), k, stride,
+                          padding, src.offset, len(parts), out, out_bits, extras, window)
+    return make, packed, parts
+
+
 def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
     """Packed conv/linear `op` of `src`, emitted on first use of its var; with `add_op`, the
     residual add it feeds computed in its epilogue (`branches`: the add's inputs, packed)."""
@@ -186,15 +238,15 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
         if not src.flat:
             raise Unsupported(f"layer '{op.name}': linear on a {src.height}x{src.width} image")
         w = w.reshape(*w.shape, 1, 1)
-        stride, padding = 1, 0
+        stride, padding, groups = 1, 0, 1
     else:
-        stride, padding = op.attrs["stride"], op.attrs["padding"]
+        stride, padding, groups = op.attrs["stride"], op.attrs["padding"], op.attrs.get("groups", 1)
     o, c, k, _ = w.shape
-    if c != src.channels:
-        raise Unsupported(f"layer '{op.name}': {c} input channels, tensor has {src.channels}")
+    if c * groups != src.channels:
+        raise Unsupported(f"layer '{op.name}': {c * groups} input channels, tensor has {src.channels}")
     # sum (x + off) w = sum x w + off sum w, so the kernel's bias is bias - off sum w
     bias = op.arrays["bias"].astype(np.int64) - src.offset * w.reshape(o, -1).sum(axis=1)
-    parts = weight_parts(w)
+    make, packed_weight, parts = _weights(op, src, w, isa)
     _check_bound(op.name, _accumulator_bound(parts, src.max_abs, bias), "the accumulator")
     requant = add_op is not None or "multiplier" in op.arrays
     out_bits = (add_op or op).attrs.get("out_bits", 8)
@@ -210,9 +262,7 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
             others.append((j, other))
             extras += ((other.dtype, other.offset),)
         out_name = add_op.output
-    kernel = ConvKernel(isa, ctx.kernel_batch, src.dtype, chunks(c, src.block), src.block, src.height, src.width,
-                        chunks(o), k, stride, padding, src.offset, len(parts),
-                        "requant" if requant else "raw", out_bits, extras)
+    kernel = make(ctx.kernel_batch, stride, padding, "requant" if requant else "raw", out_bits, extras)
     ho, wo = kernel.out_hw
     if requant:
         v = PackedValue(isa.act_dtype, o, ho, wo, BLOCK, _stored_max(0, (1 << out_bits) - 1, isa.act_offset),
@@ -221,14 +271,22 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
         v = PackedValue("int32", o, ho, wo, BLOCK, INT32_MAX)
 
     def emit():
-        args = [src.var, relax.const(pack_conv_weight(w, src.block)), relax.const(channel_blocks(bias, o))]
         if add_op is not None:
-            args += _rq_consts(add_op, add_op.inputs.index(op.output), o)
-            for j, other in others:
-                args += [other.var] + _rq_consts(add_op, j, o)
+            i = add_op.inputs.index(op.output)
+            mult, shift = add_op.arrays[f"multiplier{i}"], add_op.arrays[f"shift{i}"]
         elif requant:
-            args += [relax.const(channel_blocks(op.arrays["multiplier"], o)),
-                     relax.const(channel_blocks(op.arrays["shift"], o, fill=1))]
+            mult, shift = op.arrays["multiplier"], op.arrays["shift"]
+        if getattr(kernel, "folds_bias", False):     # bias * M + 2^(s-1), as the kernel takes it
+            s = np.asarray(shift, dtype=np.int64)
+            folded = bias * np.asarray(mult, dtype=np.int64) + np.left_shift(np.int64(1), s - 1)
+            bias_const = relax.const(channel_blocks(folded, o, dtype="int64"), "int64")
+        else:
+            bias_const = relax.const(channel_blocks(bias, o))
+        args = [src.var, relax.const(packed_weight()), bias_const]
+        if requant:
+            args += [relax.const(channel_blocks(mult, o)), relax.const(channel_blocks(shift, o, fill=1))]
+        for j, other in others:
+            args += [other.var] + _rq_consts(add_op, j, o)
         return ctx.call_kernel(kernel, args, v.shape(ctx.kernel_batch), v.dtype, out_name)
     v.emit = emit
     return v
@@ -238,8 +296,6 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
 @register("conv2d", "packed", layout=PACKED)
 def lower_conv(ctx, op: G.Op, inputs):
     _unsigned_output(op)
-    if op.kind == "conv2d" and op.attrs.get("groups", 1) != 1:
-        raise Unsupported(f"layer '{op.name}': grouped convolution")
     v = _conv(ctx, op, inputs[0])
     users = ctx.consumers(op.output)
     if len(users) == 1 and users[0].kind == "add" and _fused_main(ctx, users[0]) == op.output:

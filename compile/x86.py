@@ -22,9 +22,10 @@ from mixq.compile.registry import Unsupported
 VNNI_INTRIN = "mixq_dot_16x4_vnni"
 
 VNNI = PackedISA("x86-vnni", VNNI_INTRIN, lanes=16, act_dtype="uint8", act_offset=0,
-                  input_offsets=(("int8", 128), ("uint8", 0)), accumulators=16)
+                  input_offsets=(("int8", 128), ("uint8", 0)), accumulators=16, vector_bits=512)
 AVX2 = PackedISA("x86-avx2", None, lanes=16, act_dtype="uint8", act_offset=0,
-                  input_offsets=(("int8", 128), ("uint8", 0)), accumulators=8)
+                  input_offsets=(("int8", 128), ("uint8", 0)), accumulators=8, vector_bits=256,
+                  vector_registers=16)
 
 
 @T.prim_func(s_tir=True)

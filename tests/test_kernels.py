@@ -36,13 +36,12 @@ class Builder:
     """Random integer graphs that obey the contract (mixq.graph) with outputs spread over the
     activation range, so that requantization, clipping and rounding are all exercised."""
 
-    def __init__(self, shape, seed=0, input_dtype="int8"):
+    def __init__(self, shape, seed=0, input_dtype="int8", bits=8):
         self.rng = np.random.default_rng(seed)
         self.ops, self.tensors = [], {}
-        bits = 8
         self.input = G.TensorInfo("input", tuple(shape), input_dtype, bits, 0.05)
         self.tensors["input"] = self.input
-        self.max = {"input": 127 if input_dtype == "int8" else 255}
+        self.max = {"input": (1 << (bits - 1)) - 1 if input_dtype == "int8" else (1 << bits) - 1}
 
     def _multiplier(self, real, n):
         return G.quantize_multiplier(real * self.rng.uniform(0.5, 1.5, n), "t")
@@ -159,9 +158,10 @@ def resnet_like(seed=1):
 
 def random_input(graph, batch, seed=0):
     rng = np.random.default_rng(seed)
-    lo = -127 if graph.input.dtype == "int8" else 0
-    hi = 127 if graph.input.dtype == "int8" else 255
-    return rng.integers(lo, hi + 1, (batch, *graph.input.shape)).astype(graph.input.dtype)
+    t = graph.input
+    hi = (1 << (t.bits - 1)) - 1 if t.dtype == "int8" else (1 << t.bits) - 1
+    lo = -hi if t.dtype == "int8" else 0
+    return rng.integers(lo, hi + 1, (batch, *t.shape)).astype(t.dtype)
 
 
 def compile_fast(graph, batch, target, tune_db=None, tune_trials=0):
@@ -256,14 +256,19 @@ def test_extreme_values_stay_exact():
 
 
 def test_unsupported_graphs_are_refused_with_a_reason():
-    """The fast path refuses an op it cannot run exactly, with the reason; that op takes the
+    """The fast path refuses an op it cannot run well, with the reason; that op takes the
     default lowering, the others stay on the fast path (test_compile.py checks such mixed
     programs bit for bit). A CPU without the instructions gets no fast path at all."""
-    g = digits_like()
-    g.ops[1].attrs["groups"] = 2
-    _, info = build.lower_module(g, tvm.target.Target(VNNI_TARGET), "auto", {"batch": 1}, log=lambda m: None)
-    assert info["lowerings"][g.ops[1].name] == "default" and "grouped" in info["fallbacks"][g.ops[1].name]
-    assert info["lowerings"][g.ops[0].name] == "packed"
+    b = Builder((3, 8, 8))
+    x = b.conv("input", 16, wbits=5)
+    m = b.conv(x, 32, wbits=4, groups=16)                # depthwise with channel multiplier 2
+    g = b.graph(b.conv(m, 16))
+    lines = []
+    _, info = build.lower_module(g, tvm.target.Target(VNNI_TARGET), "auto", {"batch": 1}, log=lines.append)
+    assert info["lowerings"][m] == "default" and info["lowerings"][x] == "packed"
+    why = info["fallbacks"][m]
+    assert "depthwise conv with channel multiplier 2" in why and "16x its multiply-adds" in why, why
+    assert lines == [f"fast path: used (x86-vnni) for 2 of 3 ops; default lowering for {why}"]
     with pytest.raises(Unsupported, match="AVX"):
         x86.isa_for(tvm.target.Target({"kind": "llvm", "mcpu": "core2"}))
 
@@ -272,20 +277,25 @@ def test_unsupported_graphs_are_refused_with_a_reason():
 def mixed_residual(seed=21):
     """Fast-path ops around ops only the default lowering takes, so tensors change layout
     both ways inside the network: a maxpool of the signed input (int8, packed with the input's
-    offset for the next conv), a grouped conv between packed convs, a residual add fused into
-    a packed conv whose other branch comes from the default lowering, a packed add of a raw
-    int32 tensor from the default lowering."""
+    offset for the next conv), grouped convs the fast path declines between packed convs
+    (channel multiplier 2: 16x the multiply-adds on the packed kernel), a depthwise conv of a
+    tensor the default lowering made, a residual add fused into a packed conv whose other branch
+    comes from the default lowering, a packed add of a raw int32 tensor from the default
+    lowering."""
     b = Builder((3, 10, 10), seed)
     m = b.pool("input", "maxpool", 2, 1)                 # default: pool of the network input
     x = b.conv(m, 16, wbits=5)                           # packed, on an int8 NCHW tensor packed here
-    d = b.conv(x, 16, wbits=4, groups=4)                 # default: grouped
-    y = b.conv(d, 16, wbits=3, raw=True)                 # packed raw conv, computes the add ...
+    d = b.conv(x, 32, wbits=4, groups=16)                # default: channel multiplier 2
+    dw = b.conv(d, 32, wbits=7, groups=32)               # packed depthwise, of d packed here
+    y = b.conv(dw, 32, wbits=3, raw=True)                # packed raw conv, computes the add ...
     r = b.add(y, d)                                      # ... whose other branch is d, packed
-    z = b.conv(r, 16, wbits=6, groups=2, raw=True)       # default: grouped, raw int32
+    q = b.conv(r, 16, k=1, padding=0, wbits=5)           # packed
+    z = b.conv(q, 32, wbits=6, groups=16, raw=True)      # default: channel multiplier 2, raw int32
     s = b.add(z, r)                                      # packed AddKernel of a packed int32 tensor
     p = b.pool(s, "avgpool", 3, 3)
     return b.graph(b.linear(b.flatten(p), 10, wbits=6, raw=True)), {
-        m: "default", x: "packed", d: "default", y: "packed", r: "packed", z: "default", s: "packed"}
+        m: "default", x: "packed", d: "default", dw: "packed", y: "packed", r: "packed", q: "packed",
+        z: "default", s: "packed"}
 
 
 def offset_pools(seed=22):
@@ -315,6 +325,174 @@ def test_mixed_fast_and_default_program_is_bit_exact(make_graph, batch):
         x = random_input(g, n, seed=n)
         got, want = vm["main"](tvm.runtime.tensor(x)).numpy(), G.run(g, x)
         assert got.dtype == want.dtype and np.array_equal(got, want), n
+
+
+# ----------------------------------------------------------------------------- depthwise / grouped
+# (channels, (height, width), stride, padding, input bits, weight storage bits, output): a
+# depthwise 3x3 conv (groups = channels) of the uint8 output of a packed 1x1 conv (so 16-channel
+# blocks even for 8 channels), requantized to 8 or 5 bits, raw int32, or raw into a residual add
+# with its input that the conv's epilogue computes ("add")
+DEPTHWISE_CASES = [
+    (8, (7, 7), 1, 1, 8, 8, "requant"),
+    (16, (9, 7), 2, 1, 4, 9, "requant"),
+    (24, (11, 9), 1, 0, 2, 5, "raw"),
+    (40, (7, 9), 2, 0, 8, 12, "requant"),
+    (40, (9, 9), 1, 1, 6, 8, "add"),
+    (24, (5, 11), 2, 1, 3, 16, "raw"),
+]
+
+
+def depthwise_graph(channels, hw, stride, padding, in_bits, wbits, out, seed=0):
+    b = Builder((channels, *hw), seed, "uint8")
+    x = b.conv("input", channels, k=1, padding=0, wbits=6, out_bits=in_bits)
+    y = b.conv(x, channels, stride=stride, padding=padding, wbits=wbits, groups=channels, raw=out != "requant",
+               out_bits=5 if in_bits < 8 else 8)
+    return b.graph(b.add(y, x) if out == "add" else y), y
+
+
+# (in channels, out channels, groups, stride, padding): grouped 3x3 convs of a packed conv's
+# output; the output chunks' windows of input chunks (kernels.group_window) differ
+GROUPED_CASES = [
+    (32, 32, 2, 1, 1),          # 16 -> 16 per group: one chunk each
+    (32, 64, 4, 2, 1),          # 8 -> 16: an output chunk reads half an input chunk
+    (24, 24, 3, 2, 0),          # 8 -> 8: two groups per output chunk, a partial chunk
+    (48, 48, 3, 1, 1),
+    (16, 16, 8, 1, 1),          # 2 -> 2: 8x the multiply-adds, the most the fast path takes
+]
+
+
+def grouped_graph(cin, cout, groups, stride, padding, seed=0):
+    b = Builder((cin, 7, 9), seed, "uint8")
+    x = b.conv("input", cin, k=1, padding=0, wbits=5)
+    y = b.conv(x, cout, stride=stride, padding=padding, wbits=7, groups=groups)
+    return b.graph(y), y
+
+
+def depthwise_chain(seed=31):
+    """Depthwise and grouped convs in one network: straight on the signed input (packed with
+    its offset: the padding is the stored zero), 9- and 12-bit weights, stride 2 without
+    padding, a raw depthwise conv with a residual add fused into it, a grouped conv, a depthwise
+    conv of 8 channels, then pooling and a linear layer."""
+    b = Builder((24, 9, 9), seed)
+    a = b.conv("input", 24, wbits=9, groups=24, out_bits=5)
+    c = b.conv(a, 24, stride=2, padding=0, wbits=12, groups=24)
+    c = b.conv(c, 40, k=1, padding=0, wbits=6)
+    d = b.conv(c, 40, wbits=4, groups=40, raw=True)
+    e = b.add(d, c)
+    f = b.conv(e, 40, wbits=7, groups=5)
+    h = b.conv(b.conv(f, 8, k=1, padding=0), 8, stride=2, groups=8)
+    return b.graph(b.linear(b.flatten(b.pool(h, "avgpool", 2, 2)), 10, wbits=8, raw=True))
+
+
+DOT_PRODUCT_ISAS = ("x86-vnni", "arm-sdot")      # grouped convs on the fast path need them
+
+
+def expected_lowering(op, strategy: str) -> str:
+    """Where an op of these tests goes: grouped convs other than depthwise ones need
+    dot-product instructions, the fast path takes everything else."""
+    grouped = op.kind == "conv2d" and op.attrs.get("groups", 1) > 1 and op.arrays["weight"].shape[1] > 1
+    return "default" if grouped and strategy not in DOT_PRODUCT_ISAS else "packed"
+
+
+def assert_on_the_fast_path(g, info, mod=None):
+    """Every op of `g` took the packed lowering, but grouped convs on an ISA without dot
+    products (declined, with that reason); with `mod`, its depthwise convs are DepthwiseKernels."""
+    for op in g.ops:
+        assert info["lowerings"][op.name] == expected_lowering(op, info["strategy"]), (op.name, info)
+    declined = {op.name for op in g.ops if info["lowerings"][op.name] == "default"}
+    assert set(info.get("fallbacks", {})) == declined, info.get("fallbacks")
+    assert all("without dot-product instructions" in info["fallbacks"][name] for name in declined)
+    if mod is not None:
+        depthwise = sum(1 for op in g.ops if op.kind == "conv2d" and op.attrs["groups"] == op.arrays["weight"].shape[0]
+                        and op.arrays["weight"].shape[1] == 1)
+        names = [gv.name_hint for gv in mod.get_global_vars()]
+        assert 0 < depthwise and sum(n.endswith("_DepthwiseKernel") for n in names) >= 1, names
+
+
+@pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
+                                    pytest.param(AVX2_TARGET, marks=needs_avx2, id="avx2")])
+@pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=lambda c: "c{}-{}x{}-s{}-p{}-a{}-w{}-{}".format(c[0], *c[1], *c[2:]))
+def test_depthwise_conv_is_bit_exact_on_the_fast_path(case, target):
+    g, name = depthwise_graph(*case)
+    x = random_input(g, 2, seed=case[0])
+    got, info = run_compiled(g, 2, target, x)
+    assert info["lowerings"][name] == "packed"
+    assert_on_the_fast_path(g, info)
+    want = G.run(g, x)
+    assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
+                                    pytest.param(AVX2_TARGET, marks=needs_avx2, id="avx2")])
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: "{}-{}-g{}-s{}-p{}".format(*c))
+def test_grouped_conv_is_bit_exact(case, target):
+    """On the fast path with VNNI; on AVX2 the default lowering (the packed conv's int32
+    multiply-adds are no faster there), with the reason."""
+    g, name = grouped_graph(*case)
+    x = random_input(g, 2, seed=case[2])
+    got, info = run_compiled(g, 2, target, x)
+    assert info["lowerings"][name] == ("packed" if target is VNNI_TARGET else "default")
+    assert_on_the_fast_path(g, info)
+    assert np.array_equal(got, G.run(g, x))
+
+
+@pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
+                                    pytest.param(AVX2_TARGET, marks=needs_avx2, id="avx2")])
+def test_depthwise_conv_of_a_few_input_channels_is_bit_exact(target):
+    """An RGB-like input is packed in 4-channel blocks, not the DepthwiseKernel's 16: its
+    depthwise conv is a grouped ConvKernel (VNNI), or the default lowering (AVX2)."""
+    b = Builder((3, 7, 9), seed=41, input_dtype="uint8", bits=6)
+    y = b.conv("input", 3, stride=2, groups=3, wbits=9)
+    g = b.graph(b.conv(y, 16, k=1, padding=0))
+    x = random_input(g, 2, seed=41)
+    got, info = run_compiled(g, 2, target, x)
+    assert info["lowerings"][y] == ("packed" if target is VNNI_TARGET else "default"), info
+    if target is AVX2_TARGET:
+        assert "depthwise conv of 4-channel blocks on x86-avx2" in info["fallbacks"][y]
+    assert np.array_equal(got, G.run(g, x))
+
+
+@needs_vnni
+def test_depthwise_network_is_bit_exact_at_any_batch():
+    g = depthwise_chain()
+    G.validate(g)
+    lines = []
+    mod, info = build.lower_module(g, tvm.target.Target(VNNI_TARGET), "auto", {"batch": None}, log=lines.append)
+    assert_on_the_fast_path(g, info, mod)
+    assert lines == ["fast path: used (x86-vnni) for 11 of 11 ops (4 depthwise convs, 1 grouped conv)"]
+    ex, _ = compile_fast(g, None, VNNI_TARGET)
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    for batch in (1, 3):
+        x = random_input(g, batch, seed=batch)
+        assert np.array_equal(vm["main"](tvm.runtime.tensor(x)).numpy(), G.run(g, x)), batch
+
+
+def test_group_windows_cover_each_output_channels_group():
+    """kernels.group_window: the input chunks an output chunk reads hold its channels' groups,
+    and the packed weights put each weight where the ConvKernel's index reads it."""
+    rng = np.random.default_rng(0)
+    for cin, cout, groups, block in [(32, 32, 2, 16), (32, 64, 4, 16), (24, 24, 3, 16), (16, 16, 8, 16),
+                                     (8, 8, 2, 4), (40, 40, 5, 16), (64, 64, 64, 16), (96, 96, 3, 16)]:
+        width, per, step = kernels.group_window(cin, cout, groups, block)
+        w = rng.integers(-127, 128, (cout, cin // groups, 1, 1))
+        pw = kernels.pack_grouped_weight(w, groups, block, (width, per, step))
+        assert pw.shape[:2] == (kernels.chunks(cout), width)
+        dense = np.zeros((cout, cin), np.int64)               # the weights the packed kernel applies
+        for o in range(cout):
+            start = o // 16 // per * step
+            for j in range(width * block):
+                ch = start * block + j
+                if ch < cin:
+                    dense[o, ch] = pw[o // 16, j // block, 0, 0, (j % block) // 4, o % 16, j % 4]
+                else:
+                    assert pw[o // 16, j // block, 0, 0, (j % block) // 4, o % 16, j % 4] == 0
+        og, cg = cout // groups, cin // groups
+        want = np.zeros((cout, cin), np.int64)
+        for o in range(cout):
+            want[o, o // og * cg:(o // og + 1) * cg] = w[o, :, 0, 0]
+        assert np.array_equal(dense, want), (cin, cout, groups)
+    assert kernels.group_window(64, 64, 64, 16) == (1, 1, 1)          # depthwise: its own chunk
+    assert kernels.group_window(32, 64, 4, 16) == (1, 2, 1)
 
 
 # ----------------------------------------------------------------------------- aarch64
@@ -422,6 +600,44 @@ def test_generic_schedule_vectorizes_only_power_of_two_lanes():
     assert 2 in found
 
 
+@pytest.mark.parametrize("target", [AARCH64_SDOT, AARCH64_NEON], ids=["sdot", "neon"])
+def test_packed_depthwise_kernels_vectorize_only_power_of_two_lanes(target):
+    """The depthwise and grouped kernels on aarch64: 16-lane vectors (the channel block), never
+    the odd widths LLVM's aarch64 backend miscompiled, whatever the rows' widths (9, 4, 2)."""
+    g = depthwise_chain()
+    mod, info = build.lower_module(g, tvm.target.Target(target), "auto", {"batch": 1}, log=lambda line: None)
+    assert_on_the_fast_path(g, info, mod)
+    depthwise = {gv: f for gv, f in mod.functions_items() if gv.name_hint.endswith("_DepthwiseKernel")}
+    found = set(vectorized_extents(tvm.IRModule(depthwise)))
+    assert found and found <= {2, 4, 8, 16}, found
+    found = set(vectorized_extents(mod))
+    assert found and found <= {2, 4, 8, 16}, found
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [AARCH64_SDOT, AARCH64_NEON], ids=["sdot", "neon"])
+def test_aarch64_depthwise_and_grouped_convs_are_bit_exact_on_the_board(arm_board, tmp_path, target):
+    """DepthwiseKernel (int16 multiply-adds, smlal) and grouped ConvKernels (sdot; with plain
+    NEON grouped convs take the default lowering) run on the emulated board: a network of them
+    at any batch, the cases of the x86 tests at batch 2 in one library each."""
+    import tvm.support.cc
+
+    cc = tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++")
+    g = depthwise_chain()
+    ex, report = compile_fast(g, None, target)
+    assert_on_the_fast_path(g, report)
+    ex.export_library(str(tmp_path / "chain.so"), fcompile=cc)
+    x = random_input(g, 3, seed=3)
+    assert np.array_equal(run_on_board(arm_board, tmp_path / "chain.so", x), G.run(g, x)), report["strategy"]
+    for i, case in enumerate(DEPTHWISE_CASES + GROUPED_CASES):
+        g, name = depthwise_graph(*case) if len(case) == 7 else grouped_graph(*case)
+        ex, report = compile_fast(g, 2, target)
+        assert_on_the_fast_path(g, report)
+        ex.export_library(str(tmp_path / f"case{i}.so"), fcompile=cc)
+        x = random_input(g, 2, seed=i)
+        assert np.array_equal(run_on_board(arm_board, tmp_path / f"case{i}.so", x), G.run(g, x)), (case, report["strategy"])
+
+
 @pytest.mark.slow
 def test_odd_width_default_kernels_are_exact_on_the_board(arm_board, tmp_path):
     import tvm.support.cc
@@ -438,19 +654,19 @@ def test_odd_width_default_kernels_are_exact_on_the_board(arm_board, tmp_path):
 @needs_vnni
 def test_tuning_records_are_reused_and_stay_exact(tmp_path):
     b = Builder((16, 8, 8), seed=11)
-    g = b.graph(b.conv("input", 32, wbits=9))
+    g = b.graph(b.conv(b.conv("input", 32, wbits=9), 32, groups=32))     # a ConvKernel, a DepthwiseKernel
     db_dir = tmp_path / "tune-db"
     compile_fast(g, 1, VNNI_TARGET, db_dir, tune_trials=4)
     records = (db_dir / "database_tuning_record.json").read_text().splitlines()
     assert len(records) >= 2, "expected the hand schedule's baseline record plus tuning trials"
     x = random_input(g, 1, seed=11)
     got, report = run_compiled(g, 1, VNNI_TARGET, x, db_dir)
-    assert report["tuned_kernels"] == 1
+    assert report["tuned_kernels"] == 2
     assert np.array_equal(got, G.run(g, x))
     compile_fast(g, 1, VNNI_TARGET, db_dir, tune_trials=4)               # same shapes: nothing to do
     assert (db_dir / "database_tuning_record.json").read_text().splitlines() == records
     got, report = run_compiled(g, None, VNNI_TARGET, x, db_dir)          # any-batch build: same loops
-    assert report["tuned_kernels"] == 1 and np.array_equal(got, G.run(g, x))
+    assert report["tuned_kernels"] == 2 and np.array_equal(got, G.run(g, x))
 
 
 @pytest.mark.slow
