@@ -93,13 +93,11 @@ def pact_reference(x, alpha, levels: int):
     return round_ste(y / scale) * scale
 
 
-class ActQuant(nn.Module):
-    """ReLU + uniform unsigned quantization with a learnable clip (PACT). bits=32: plain ReLU.
-
-    The clip alpha is initialized from the first batch it sees in training mode (99.9th
-    percentile), so the same default works after BN-normalized convs and after pooling.
-    clip=c (what an nn.ReLU6, F.relu6 or clamp(0, c) becomes): the clip is that fixed c, a
-    buffer, not learned, so the quantized activation keeps the float net's function."""
+class _ClipQuant(nn.Module):
+    """An activation quantizer's clip alpha: fixed (clip=c, a buffer) or learned (PACT) and set
+    from the first batch seen in training mode (99.9th percentile of `_magnitude(x)`), so the
+    same default works after BN-normalized convs and after pooling. ActQuant and SignedQuant
+    differ only in levels, magnitude and rounding function."""
 
     def __init__(self, bits: int = 8, clip: float | None = None):
         super().__init__()
@@ -114,21 +112,44 @@ class ActQuant(nn.Module):
 
     @property
     def levels(self) -> int:
-        return 2 ** self.bits - 1
+        raise NotImplementedError
 
     def scale(self) -> float:
         return float(self.alpha.detach().abs()) / self.levels
 
-    def forward(self, x):
-        if self.bits >= 32:
-            return torch.clamp(x, 0.0, float(self.alpha)) if self.fixed else F.relu(x)
+    def _magnitude(self, x):
+        raise NotImplementedError
+
+    def _init_clip(self, x):
         if self.training and not self.ready and not bool(self.initialized):
             with torch.no_grad():
-                v = F.relu(x.detach()).flatten()
+                v = self._magnitude(x.detach()).flatten()
                 q = torch.quantile(v[torch.randperm(v.numel(), device=v.device)[:100000]].float(), 0.999)
                 self.alpha.fill_(max(float(q), 1e-3))
                 self.initialized.fill_(True)
         self.ready = self.ready or self.training          # checked the buffer once: no sync per step
+
+
+class ActQuant(_ClipQuant):
+    """ReLU + uniform unsigned quantization with a learnable clip (PACT). bits=32: plain ReLU.
+
+    clip=c (what an nn.ReLU6, F.relu6 or clamp(0, c) becomes): the clip is that fixed c, a
+    buffer, not learned, so the quantized activation keeps the float net's function."""
+
+    def __init__(self, bits: int = 8, clip: float | None = None):
+        super().__init__(bits, clip)
+
+    @property
+    def levels(self) -> int:
+        return 2 ** self.bits - 1
+
+    def _magnitude(self, x):
+        return F.relu(x)
+
+    def forward(self, x):
+        if self.bits >= 32:
+            return torch.clamp(x, 0.0, float(self.alpha)) if self.fixed else F.relu(x)
+        self._init_clip(x)
         return _PACTQuant.apply(x, self.alpha.abs() + 1e-8, self.levels)
 
     def extra_repr(self):
@@ -153,36 +174,23 @@ class _SymmetricQuant(torch.autograd.Function):
         return grad * inside, (grad * torch.sign(x) * ~inside).sum().reshape(alpha.shape), None
 
 
-class SignedQuant(nn.Module):
+class SignedQuant(_ClipQuant):
     """A signed activation: symmetric uniform quantization to int8 (+-(2^(bits-1) - 1) levels)
     with a learned clip. What a value gets that reaches a conv, linear or pool without passing a
     ReLU: MobileNetV2's linear bottleneck (a projection conv + BN, a residual add with no ReLU
     after it). Inserted by train.surgery.insert_signed_quantizers; bits=32: identity."""
 
-    def __init__(self, bits: int = 8):
-        super().__init__()
-        self.bits = bits
-        self.alpha = nn.Parameter(torch.tensor(6.0))
-        self.register_buffer("initialized", torch.tensor(False))
-        self.ready = False
-
     @property
     def levels(self) -> int:
         return 2 ** (self.bits - 1) - 1
 
-    def scale(self) -> float:
-        return float(self.alpha.detach().abs()) / self.levels
+    def _magnitude(self, x):
+        return x.abs()
 
     def forward(self, x):
         if self.bits >= 32:
             return x
-        if self.training and not self.ready and not bool(self.initialized):
-            with torch.no_grad():
-                v = x.detach().abs().flatten()
-                q = torch.quantile(v[torch.randperm(v.numel(), device=v.device)[:100000]].float(), 0.999)
-                self.alpha.fill_(max(float(q), 1e-3))
-                self.initialized.fill_(True)
-        self.ready = self.ready or self.training
+        self._init_clip(x)
         return _SymmetricQuant.apply(x, self.alpha.abs() + 1e-8, self.levels)
 
     def extra_repr(self):
