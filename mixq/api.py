@@ -113,7 +113,7 @@ def prepare(model: nn.Module, method: str = "csq", target_bits: float = 3.0, act
     them). num_classes: from the model's output on example_input when not given. epochs: the
     length of the training `fit` runs, which the method's schedule spans (CSQ's temperature,
     the finetune phase). options: any other `mixq train` option by its field name (lr,
-    finetune_epochs, weight_bits, bit_lr, seed, ...; see train.config.TrainConfig).
+    finetune_epochs, weight_bits, bit_lr, seed, budget="size=20", ...; see train.config.TrainConfig).
 
     The net is checked before anything trains: what freeze cannot take (an op, an activation
     it cannot quantize) is one FreezeError naming every such op and its module."""
@@ -152,8 +152,12 @@ def prepare(model: nn.Module, method: str = "csq", target_bits: float = 3.0, act
     qmodel = quant.QuantModel(m.prepare(net))
     freezable(qmodel, m, cfg)
     torch.manual_seed(cfg.seed)
-    from mixq.train.loop import calibrate
+    from mixq.train.loop import calibrate, set_budget
     calibrate(qmodel, x, cfg)
+    try:
+        set_budget(qmodel, m, cfg, x)
+    except ConfigError as e:
+        raise APIError(str(e)) from None
     if example_labels is not None:
         if len(example_labels) != len(x):
             raise APIError(f"example_labels: {len(example_labels)} labels for {len(x)} example images")

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from mixq import cli, data, graph as G, intsim
+from mixq.train.budget import Costs
 from mixq.train.methods import bsq, clado
 from mixq.train.config import TrainConfig
 from mixq.train.checkpoint import load_checkpoint, restore_model
@@ -121,7 +122,7 @@ def test_clado_solver_is_exact_on_small_programs():
     choices = [1, 2, 3, 4, 5]
     for seed in range(5):
         diag, cross = toy_program(4, choices, seed)
-        got = clado.solve(diag, cross, 4, choices, 3.0)
+        got = clado.solve(diag, cross, 4, choices, Costs.mean_bits(3.0, 4))
         best = min((b for b in itertools.product(choices, repeat=4) if sum(b) <= 12),
                    key=lambda b: program_cost(b, diag, cross))
         assert list(best) == got
@@ -133,16 +134,16 @@ def test_clado_cross_terms_change_the_choice():
     choices = [1, 2, 3]
     diag = {(0, 1): 1.0, (0, 2): 0.5, (0, 3): 0.0, (1, 1): 0.9, (1, 2): 0.6, (1, 3): 0.0}
     cross = {(0, 1, p, q): 0.0 for p in choices for q in choices}
-    assert clado.solve(diag, cross, 2, choices, 2.0) == [3, 1]
+    assert clado.solve(diag, cross, 2, choices, Costs.mean_bits(2.0, 2)) == [3, 1]
     cross[0, 1, 3, 1] = 5.0
-    assert clado.solve(diag, cross, 2, choices, 2.0) == [1, 3]
+    assert clado.solve(diag, cross, 2, choices, Costs.mean_bits(2.0, 2)) == [1, 3]
 
 
 def test_clado_large_programs_meet_the_budget_and_beat_uniform():
     choices = clado.candidates(3.0)
     n = 9                                                      # 5^9 > 200k: greedy + exchange
     diag, cross = toy_program(n, choices, 7)
-    got = clado.solve(diag, cross, n, choices, 3.0)
+    got = clado.solve(diag, cross, n, choices, Costs.mean_bits(3.0, n))
     assert sum(got) <= 3 * n and all(b in choices for b in got)
     assert program_cost(got, diag, cross) <= program_cost([3] * n, diag, cross) + 1e-12
 

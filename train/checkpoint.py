@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from mixq import fsio
+from mixq.train.budget import measures
 from mixq.train.config import DERIVED, TrainConfig, build
 from mixq.train.errors import TrainError
 from mixq.train.methods.base import bit_summary
@@ -24,8 +25,8 @@ from mixq.train.methods.base import bit_summary
 CHECKPOINT_KEYS = {"model", "config", "epoch"}
 RESUME_KEYS = CHECKPOINT_KEYS | {"optimizers", "schedulers", "history"}
 # metrics.json keys that travel with the trained model: checkpoint -> frozen manifest -> deploy report
-TRAINING_FACTS = ("method", "recipe", "target_bits", "weight_bits", "act_bits", "avg_bits", "storage_bits",
-                  "accuracy", "relaxed_accuracy", "int_accuracy", "int_agreement", "test_images", "epochs")
+TRAINING_FACTS = ("method", "recipe", "target_bits", "budget", "weight_bits", "act_bits", "avg_bits", "storage_bits",
+                  "weight_kib", "gbops", "accuracy", "relaxed_accuracy", "int_accuracy", "int_agreement", "test_images", "epochs")
 
 
 def load_checkpoint(path) -> dict:
@@ -92,6 +93,7 @@ def config_facts(cfg: TrainConfig) -> dict:
     mixed = cfg.method_class().mixed
     return {"model": cfg.model, "dataset": cfg.dataset, "method": cfg.method, "recipe": cfg.recipe,
             "target_bits": cfg.target_bits if mixed else cfg.weight_bits,
+            "budget": str(cfg.budget_spec()) if mixed else None,
             "weight_bits": cfg.weight_bits if not mixed else None, "act_bits": cfg.act_bits}
 
 
@@ -103,6 +105,8 @@ def training_facts(ckpt: dict, cfg: TrainConfig, method) -> dict:
         return {k: ckpt["metrics"].get(k) for k in TRAINING_FACTS}
     history = ckpt.get("history") or []
     last = history[-1] if history else {}
-    known = {**config_facts(cfg), **bit_summary(method.export_bits()), "accuracy": last.get("accuracy"),
+    layers = method.export_bits()
+    known = {**config_facts(cfg), **bit_summary(layers), **(measures(layers, method.facts) if method.facts else {}),
+             "accuracy": last.get("accuracy"),
              "relaxed_accuracy": last.get("relaxed_accuracy"), "epochs": len(history) or None}
     return {k: known.get(k) for k in TRAINING_FACTS}

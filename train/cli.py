@@ -32,6 +32,9 @@ def add_arguments(p):
                         "parameter, batch 256, all 8 bits at start, mask logits 0, the paper's epochs per model, "
                         "8-bit shortcuts out of the bit count); options given explicitly override it")
     p.add_argument("--target-bits", type=float, help=f"{'/'.join(mixed)} budget: mean kept (magnitude) bits per layer, in (0, 8]")
+    p.add_argument("--budget", help=f"{'/'.join(mixed)} budget in one of three measures: bits=T (the same as "
+                   "--target-bits T, the default), size=KIB (KiB of packed weights: params x storage bits / 8), "
+                   "bops=G (10^9 x MACs x weight bits x activation bits)")
     p.add_argument("--weight-bits", type=int, help=f"{', '.join(fixed)}: bits per weight incl. sign (2..8)")
     p.add_argument("--act-bits", type=int, help="activation bits 2..8, or 32 (float)")
     p.add_argument("--epochs", type=int, help=f"all training epochs ({'/'.join(mixed)}: search + finetune)")
@@ -84,6 +87,7 @@ def run(args, evaluate=None, check=None) -> int:
     from mixq.train.loop import train
     m = train(config(args), args.out, resume=args.resume, evaluate=evaluate, check=check)
     if m is not None:           # under torchrun only rank 0 has the metrics
-        keys = ("accuracy", "relaxed_accuracy", "int_accuracy", "avg_bits", "paper_comp", "storage_bits", "compression")
+        keys = ("accuracy", "relaxed_accuracy", "int_accuracy", "avg_bits", "paper_comp", "storage_bits", "compression",
+                "weight_kib", "gbops")
         print(json.dumps({k: m.get(k) for k in keys}))
     return 0

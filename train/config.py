@@ -30,6 +30,7 @@ class CommonConfig:
     method: str = "csq"
     recipe: str = "mixq"            # "paper": the CSQ paper's settings (see recipe_defaults)
     target_bits: float = 3.0        # mixed methods (csq, bsq, clado): mean kept bits per layer
+    budget: str | None = None       # mixed methods: bits=T | size=KIB | bops=G (train/budget.py); None: bits=target_bits
     weight_bits: int = 8            # fixed-precision methods (ste-uniform, csq-uniform)
     act_bits: int = 8
     epochs: int = 30                # all of training; mixed methods: search, then finetune
@@ -87,6 +88,11 @@ class CommonConfig:
             return self.finetune_epochs
         return method.default_finetune(self.epochs)
 
+    def budget_spec(self):
+        """The mixed methods' budget (train.budget.Budget): --budget, else bits=--target-bits."""
+        from mixq.train.budget import Budget
+        return Budget.parse(self.budget) if self.budget else Budget("bits", self.target_bits)
+
     def search(self) -> int:
         """Epochs of the search phase (all of them for a method without a finetune phase)."""
         return self.epochs - self.finetune()
@@ -111,6 +117,12 @@ class CommonConfig:
             raise ConfigError(f"--method {self.method}: unknown (choose from: {', '.join(METHODS)})")
         if not 0 < self.target_bits <= 8:
             raise ConfigError(f"--target-bits {self.target_bits}: must be in (0, 8]")
+        if self.budget is not None:
+            if not self.method_class().mixed:
+                raise ConfigError(f"--budget {self.budget}: for the mixed methods "
+                                  f"({', '.join(n for n, m in METHODS.items() if m.mixed)}); "
+                                  f"--method {self.method} takes --weight-bits")
+            self.budget_spec()
         if not (2 <= self.act_bits <= 8 or self.act_bits == 32):
             raise ConfigError(f"--act-bits {self.act_bits}: must be 2..8, or 32 for float activations")
         if self.recipe not in RECIPES:

@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from mixq import data as datasets
 from mixq import fsio
+from mixq.train import quant
+from mixq.train.budget import layer_facts, measures
 from mixq.train.checkpoint import TRAINING_FACTS, config_facts, resume_state, restore_model, save_checkpoint
 from mixq.train.config import TrainConfig, build
 from mixq.train.errors import TrainError
@@ -193,11 +195,13 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
         else:
             check_activations(model, cfg.act_bits, cfg.model)
         calibrate(model, calib[0], cfg)
+        set_budget(model, method, cfg, calib[0])      # an infeasible --budget stops here, before any report
         start_epoch, history = 0, []
         if proc.main:
             clear_reports(out)
     else:
         model, method, _ = restore_model(state, ckpt_path)
+        set_budget(model, method, cfg, calib[0])
         start_epoch, history = state["epoch"] + 1, state["history"]
     method.attach_data(*calib)
     model.to(proc.device)
@@ -438,6 +442,14 @@ def epoch_report(model, method, test_loader, device, epoch, steps, loss_sum, reg
 
 
 # ----------------------------------------------------------------------------- reports
+def set_budget(model, method, cfg, images):
+    """What each quantized layer's bits cost (train.budget.layer_facts, from one image of the
+    whole model; layers named as the method names them) and the mixed method's --budget,
+    handed to the method (Method.set_budget)."""
+    facts = layer_facts(model, quant.quant_layers(method.model), images, cfg.act_bits, method.fixed_names())
+    method.set_budget(facts, cfg.budget_spec())
+
+
 def summarize(model, method, cfg, history, spec, evaluate=None) -> dict:
     """metrics.json: the run (config_facts), the last epoch's accuracies, evaluate()'s
     measurements, the bit figures (methods.base.bit_summary), the schedule, the layers."""
@@ -448,7 +460,7 @@ def summarize(model, method, cfg, history, spec, evaluate=None) -> dict:
         "accuracy": last.get("accuracy"), "relaxed_accuracy": last.get("relaxed_accuracy"),
         "undecided_bits": last.get("undecided_bits"), "undecided_masks": last.get("undecided_masks"),
         **(evaluate(model, cfg, spec) if evaluate else {}), "test_images": len(spec.test), "train_images": len(spec.train),
-        **bit_summary(layers),
+        **bit_summary(layers), **(measures(layers, method.facts) if method.facts else {}),
         "epochs": len(history), "search_epochs": cfg.search(), "finetune_epochs": cfg.finetune(),
         "mask_final_epoch": method.bits_final_epoch(),
         "warmup_epochs": cfg.warmup_epochs, "init_from": cfg.init_from, "seed": cfg.seed,

@@ -13,6 +13,9 @@ subclass, registered with one line in train/methods/__init__.py. The loop calls:
     regularizer()       extra loss term (a tensor; 0 when the method has none)
     after_step()        after each optimizer step (CSQ: box on the bit logits; BSQ: keep bit
                         planes in [0, 2])
+    set_budget(facts, budget)   before training (and on resume): what each layer's bits cost
+                        (train.budget.layer_facts); a mixed method's budget (--budget) as
+                        `self.costs` (train.budget.Costs), checked feasible
     harden(hard)        switch to the exact integer weights used for evaluation and freeze
     export_bits()       per-layer bit report, from each layer's bit_info()
 
@@ -28,6 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from mixq.train import quant
+from mixq.train.budget import Costs
 
 
 @dataclass(frozen=True)
@@ -85,12 +89,15 @@ class Method:
     # trains everything with one SGD.
     bit_params: tuple = ()
     gate_params: tuple = ()
+    max_storage = 9         # a layer's storage bits at its most (8 kept bits + sign; STE-based: 8)
     warm_start = False      # may start from an 8-bit STE warm-up (--warmup-epochs)
     needs_finetune = False  # its bits are set when the finetune starts: >= 1 search and finetune epoch
 
     def __init__(self, act_bits: int):
         self.act_bits = act_bits
         self.model = None
+        self.facts = None       # train.budget.LayerFacts per quantized layer (set_budget)
+        self.costs = None       # mixed methods: train.budget.Costs of --budget (set_budget)
 
     # -- from the configuration --------------------------------------------------------
     @classmethod
@@ -127,6 +134,19 @@ class Method:
 
     def attach_data(self, x, y):
         pass
+
+    def fixed_names(self) -> tuple:
+        """Quantized layers outside the search and the bit count (CSQ's --fixed-shortcuts)."""
+        return ()
+
+    def set_budget(self, facts: list, budget):
+        """The layers' costs (train.budget.layer_facts, quant_layers order) and, for a mixed
+        method, its budget (train.budget.Budget) as `self.costs`; ConfigError when no
+        allocation can meet it."""
+        self.facts = facts
+        if self.mixed:
+            self.costs = Costs(budget, facts)
+            self.costs.check_feasible(self.max_storage)
 
     def on_epoch(self, epoch: int):
         pass

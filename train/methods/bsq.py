@@ -16,20 +16,21 @@ so precision = hi - lo + 1 and storage bits = precision + sign. The finetune pha
 precision fixed and trains on (the paper's last phase).
 
 Departure, so that BSQ and CSQ are compared on one budget: the paper picks alpha per run and
-reports the precision it lands on. Here `--target-bits` steers it: the group Lasso is on only
-while the average precision is above the target, and the precision adjustment follows a
-schedule from 8 bits down to the target, reached at 70% of the search. When the group Lasso
-has not emptied enough planes by then (a few dozen epochs are far fewer than the paper's
-hundreds), the edge planes whose removal raises the loss on a calibration batch (the first 128
-training images) least are removed. Every layer keeps >= 1 bit."""
+reports the precision it lands on. Here the budget (`--target-bits`, or `--budget` in size or
+bops: train/budget.py) steers it: the group Lasso is on only while the model is over the
+budget, and the precision adjustment follows a schedule from 8 bits down to the budget,
+reached at 70% of the search. When the group Lasso has not emptied enough planes by then (a
+few dozen epochs are far fewer than the paper's hundreds), the edge planes whose removal
+raises the loss on a calibration batch (the first 128 training images) least per unit of the
+budget's measure are removed. Every layer keeps >= 1 bit."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mixq.train.budget import Costs
 from mixq.train.methods.base import Method, Option
 from mixq.train.quant import N_BITS, BitInfo, float_twin, round_ste
 
@@ -181,17 +182,23 @@ class BSQ(Method):
     def convert(self, m):
         return (BSQConv2d if isinstance(m, nn.Conv2d) else BSQLinear).from_float(m)
 
-    def precisions(self) -> list:
-        return [layer.bit_info().precision for layer in self.layers()]
+    def _costs(self) -> Costs:
+        """The budget (set by the loop; bits=--target-bits for a model prepared outside it)."""
+        if self.costs is None:
+            self.costs = Costs.mean_bits(self.target, len(self.layers()))
+        return self.costs
 
-    def avg_precision(self) -> float:
-        p = self.precisions()
-        return sum(p) / len(p)
+    def measure(self) -> float:
+        """The budget's measure of the layers' current spans."""
+        return self._costs().measure([(i.precision, i.storage_bits) for i in (l.bit_info() for l in self.layers())])
 
     def allowed(self, epoch: int) -> float:
-        """The average precision the schedule allows after the adjustment at `epoch`."""
+        """The measure the schedule allows after the adjustment at `epoch`: from all 8 planes
+        kept down to the budget, reached at `reach` of the search (bits=T: 8 -> T)."""
         t = min(1.0, epoch / max(1.0, self.reach * self.epochs))
-        return N_BITS - (N_BITS - self.target) * t
+        costs = self._costs()
+        full = costs.measure([(N_BITS, N_BITS + 1)] * len(costs.per_bit))
+        return full - (full - costs.budget.value) * t
 
     def on_epoch(self, epoch: int):
         self.epoch = epoch
@@ -203,17 +210,18 @@ class BSQ(Method):
 
     @torch.no_grad()
     def adjust(self, allowed: float):
-        """Re-quantize every layer to {0, 1} planes; drop empty edge planes while the average is
-        above the target; then, down to `allowed`, the edge planes whose removal raises the loss
-        on the calibration batch least: every candidate is measured once per round and the
+        """Re-quantize every layer to {0, 1} planes; drop empty edge planes while over the
+        budget; then, down to `allowed`, the edge planes whose removal raises the loss on the
+        calibration batch least per unit of the budget's measure saved (bits=T: every plane
+        saves the same, so simply least): every candidate is measured once per round and the
         cheapest ones go, at most one per layer per round (a round costs two forward passes
         per layer, not two per layer per bit removed)."""
         layers = self.layers()
+        costs = self._costs()
         for layer in layers:
             layer.requantize(*layer.span())
-        n = len(layers)
-        total = sum(self.precisions())
-        while total / n > self.target + 1e-9:
+        budget = costs.budget.value * (1 + 1e-9)
+        while self.measure() > budget:
             options = [(i, cand) for i, layer in enumerate(layers) if layer.span()[1] > layer.span()[0]
                        for cand in ((layer.span()[0], layer.span()[1] - 1), (layer.span()[0] + 1, layer.span()[1]))]
             if not options:
@@ -222,28 +230,51 @@ class BSQ(Method):
             if empty:
                 i, cand = empty[0]
                 layers[i].requantize(*cand)
-                total -= 1
                 continue
-            if total / n <= allowed + 1e-9:
+            target = max(allowed, costs.budget.value) * (1 + 1e-9)
+            if self.measure() <= target:
                 break
-            need = max(1, math.ceil(total - max(allowed, self.target) * n - 1e-9))
-            ranked = sorted(options, key=lambda o: self.loss_if(layers[o[0]], o[1]))
+            base = self.loss_if(layers[0], None)        # the calibration loss as it is
+            saving = [costs.per_bit[i] for i in range(len(layers))]
+            ranked = sorted(options, key=lambda o: (self.loss_if(layers[o[0]], o[1]) - base) / saving[o[0]])
             done = set()
             for i, cand in ranked:
-                if len(done) == need:
+                if self.measure() <= target:
                     break
                 if i not in done:
                     layers[i].requantize(*cand)
                     done.add(i)
-            total -= len(done)
+        if not costs.is_bits and allowed <= costs.budget.value * (1 + 1e-9):
+            self.fill(layers, costs)
+
+    @torch.no_grad()
+    def fill(self, layers, costs):
+        """Under size or bops one plane of a big layer can be a fifth of the budget, so the last
+        removal may land well below it: while the budget holds, every layer in turn, cheapest
+        first, gets one more plane (below its span: an empty plane, a finer step the finetune
+        can use). bits=T needs none: every plane costs the same, the removals land on it."""
+        order = sorted(range(len(layers)), key=lambda i: costs.per_bit[i])
+        grew = True
+        while grew:
+            grew = False
+            for i in order:
+                lo, hi = layers[i].span()
+                if hi - lo + 1 >= N_BITS:
+                    continue
+                alloc = [(info.precision, info.storage_bits) for info in (layer.bit_info() for layer in layers)]
+                alloc[i] = (alloc[i][0] + 1, alloc[i][1] + 1)
+                if costs.fits(alloc):
+                    layers[i].requantize(*((lo - 1, hi) if lo > 0 else (lo, hi + 1)))
+                    grew = True
 
     def loss_if(self, layer, span) -> float:
-        """Calibration loss with `layer` re-quantized to `span` (then restored); without
-        calibration data, the relative L2 change of the layer's weights."""
+        """Calibration loss with `layer` re-quantized to `span` (then restored; span None: the
+        loss as it is); without calibration data, the relative L2 change of the layer's weights."""
         if self.calibration is None:
-            return layer.removal_cost(*span)
+            return 0.0 if span is None else layer.removal_cost(*span)
         saved = (layer.span(), layer.bit_planes_pos.clone(), layer.bit_planes_neg.clone())
-        layer.requantize(*span)
+        if span is not None:
+            layer.requantize(*span)
         device = layer.scale.device
         was_training = self.model.training
         self.model.eval()
@@ -258,7 +289,7 @@ class BSQ(Method):
 
     def regularizer(self):
         layers = self.layers()
-        if self.epoch >= self.epochs or self.avg_precision() <= self.target:     # finetune, or at budget
+        if self.epoch >= self.epochs or self.measure() <= self._costs().budget.value * (1 + 1e-9):  # finetune, or at budget
             return torch.zeros((), device=layers[0].scale.device)
         params = [layer.bit_planes_pos[0].numel() for layer in layers]
         total = sum(params)

@@ -9,16 +9,18 @@ Dependencies" (CLADO, 2023). A sensitivity-based method rather than a trained bi
    pair, Omega_ij(b, b') = L(i:b, j:b') - L(i:b) - L(j:b') + L (the cross-layer term that sets
    CLADO apart from per-layer methods such as HAWQ);
 3. choose per-layer precisions minimizing sum_i Omega_ii(b_i) + sum_{i<j} Omega_ij(b_i, b_j)
-   subject to mean precision <= --target-bits (the same budget CSQ's avg_bits reports);
+   subject to the budget: mean precision <= --target-bits (the same budget CSQ's avg_bits
+   reports), or --budget size=KIB / bops=G (train/budget.py);
 4. finetune at those precisions (STE) for the finetune epochs.
 
 Departures: the paper solves the integer quadratic program with a solver (CVXPY/Gurobi) over
-a model-size budget; here the candidates are the 5 precisions around the target and the
-program is solved exactly by enumeration when there are <= 200k assignments, otherwise by
-local search (moving bits between layer pairs) from a greedy descent and from the most
-uniform assignment, keeping the better (the optimum is not guaranteed for big nets). The
-budget is the mean precision per layer, as for CSQ and BSQ, so the three compare on one
-number. A layer's scale at precision b is the clip minimizing its weights' rounding error
+a model-size budget; here the candidates are the 5 precisions around the budget's uniform
+precision and the program is solved exactly by enumeration when there are <= 200k
+assignments, otherwise by local search (moving bits between layer pairs) from a greedy descent
+and from the most uniform assignment, keeping the better (the optimum is not guaranteed for
+big nets). The default budget is the mean precision per layer, as for CSQ and BSQ, so the
+three compare on one number; --budget size=KIB is the paper's own kind. A layer's scale at
+precision b is the clip minimizing its weights' rounding error
 (quant.best_clip), both when measuring and when switching."""
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mixq.train import quant
+from mixq.train.budget import Costs
 from mixq.train.methods.base import Method
 from mixq.train.methods.ste import PER_CHANNEL, STEConv2d, STELinear
 
@@ -78,31 +81,37 @@ def candidates(target: float) -> list:
     return list(range(lo, lo + 5))
 
 
-def solve(diag: dict, cross: dict, n: int, choices: list, target: float) -> list:
-    """argmin over assignments b (mean(b) <= target) of sum_i diag[i, b_i] + sum_{i<j} cross[i, j, b_i, b_j]."""
-    budget = target * n + 1e-9
+def solve(diag: dict, cross: dict, n: int, choices: list, costs: Costs) -> list:
+    """argmin over assignments b (precisions within the budget `costs`) of
+    sum_i diag[i, b_i] + sum_{i<j} cross[i, j, b_i, b_j]."""
+    def fits(b):
+        return costs.fits([(p, p + 1) for p in b])
 
     def cost(b):
         return sum(diag[i, b[i]] for i in range(n)) + sum(cross[i, j, b[i], b[j]] for i in range(n) for j in range(i + 1, n))
 
     if len(choices) ** n <= 200_000:
-        feasible = (b for b in itertools.product(choices, repeat=n) if sum(b) <= budget)
-        return list(min(feasible, key=cost))
-    b = [max(choices)] * n                        # greedy: lower the bit whose cost rises least
-    while sum(b) > budget:
-        moves = [(cost(b[:i] + [lower] + b[i + 1:]), i, lower) for i in range(n)
-                 for lower in [c for c in choices if c < b[i]][-1:]]
+        feasible = [b for b in itertools.product(choices, repeat=n) if fits(b)]
+        return list(min(feasible, key=cost)) if feasible else [min(choices)] * n
+    saving = costs.per_bit
+    b = [max(choices)] * n                        # greedy: lower the bit whose cost rises least per unit saved
+    while not fits(b):
+        base = cost(b)
+        moves = [((cost(b[:i] + [lower] + b[i + 1:]) - base) / (saving[i] * (b[i] - lower)), i, lower)
+                 for i in range(n) for lower in [c for c in choices if c < b[i]][-1:]]
+        if not moves:
+            break
         _, i, lower = min(moves)
         b[i] = lower
     # the most uniform assignment within the budget is the other start
-    even = [max(c for c in choices if c <= budget / n + 1e-9) if any(c <= budget / n + 1e-9 for c in choices)
-            else min(choices)] * n
-    starts = [b] + ([even] if sum(even) <= budget else [])
-    return min((exchange(s, cost, choices) for s in starts), key=cost)
+    even = [max([c for c in choices if fits([c] * n)] or [min(choices)])] * n
+    starts = [b] + ([even] if fits(even) else [])
+    return min((exchange(s, cost, choices, fits) for s in starts), key=cost)
 
 
-def exchange(b: list, cost, choices: list) -> list:
-    """Local search: move 1 or 2 bits from one layer to another while the cost falls."""
+def exchange(b: list, cost, choices: list, fits) -> list:
+    """Local search: move 1 or 2 bits from one layer to another while the cost falls and the
+    budget holds."""
     b, best, improved = list(b), cost(b), True
     while improved:
         improved = False
@@ -112,6 +121,8 @@ def exchange(b: list, cost, choices: list) -> list:
                     trial = list(b)
                     trial[i] += d
                     trial[j] -= d
+                    if not fits(trial):
+                        continue
                     c = cost(trial)
                     if c < best - 1e-12:
                         b, best, improved = trial, c, True
@@ -122,6 +133,7 @@ class CLADO(Method):
     name = "clado"
     mixed = True
     needs_finetune = True
+    max_storage = WARMUP_BITS
     options = (PER_CHANNEL,)
 
     @classmethod
@@ -157,7 +169,9 @@ class CLADO(Method):
     @torch.no_grad()
     def allocate(self):
         layers = self.layers()
-        n, choices = len(layers), candidates(self.target)
+        costs = self.costs or Costs.mean_bits(self.target, len(layers))
+        uniform = costs.uniform_bits() - (0 if costs.is_bits else 1)       # as a precision
+        n, choices = len(layers), candidates(uniform)
         device = layers[0].weight.device
         x, y = (t.to(device) for t in self.calibration)
         was_training = self.model.training
@@ -185,7 +199,7 @@ class CLADO(Method):
         pairs = [(i, j, p, q) for i in range(n) for j in range(i + 1, n) for p in choices for q in choices]
         for i, j, p, q in tqdm(pairs, desc="clado: cross-layer sensitivities", unit="eval", leave=False):
             cross[i, j, p, q] = loss({i: p, j: q}) - single[i, p] - single[j, q] + base
-        precisions = solve(diag, cross, n, choices, self.target)
+        precisions = solve(diag, cross, n, choices, costs)
         if dist.is_initialized():       # every rank takes rank 0's choice (GPU sums may differ)
             t = torch.tensor(precisions, device=device)
             dist.broadcast(t, 0)

@@ -250,6 +250,27 @@ class CSQLinear(CSQMixin, nn.Linear):
 
 
 # ----------------------------------------------------------------------------- the method
+def _storage(kept: torch.Tensor) -> torch.Tensor:
+    """[L] storage bits (span of the kept bits + sign; 1 for a layer with none) of a [L, 8] bool mask."""
+    idx = torch.arange(kept.shape[1], device=kept.device)
+    hi = torch.where(kept, idx, -1).amax(1)
+    lo = torch.where(kept, idx, kept.shape[1]).amin(1)
+    return (hi - lo + 1).clamp(min=0) + 1
+
+
+def _next_to_span(kept: torch.Tensor) -> torch.Tensor:
+    """[L, 8] bool: the bit just below and just above each layer's span of kept bits."""
+    idx = torch.arange(kept.shape[1], device=kept.device)
+    hi = torch.where(kept, idx, -1).amax(1, keepdim=True)
+    lo = torch.where(kept, idx, kept.shape[1]).amin(1, keepdim=True)
+    return ~kept & ((idx == lo - 1) | (idx == hi + 1))
+
+
+def _allocation(kept: torch.Tensor) -> list:
+    """[(precision, storage bits)] per layer of a [L, 8] bool mask (train.budget.Costs)."""
+    return list(zip(kept.sum(1).tolist(), _storage(kept).tolist()))
+
+
 def initial_bits(target: float, params: list) -> list:
     """Bits each layer starts with so that their unweighted mean is the target (to the nearest
     whole bit in total): floor(target) everywhere, one more for the smallest layers."""
@@ -378,6 +399,18 @@ class CSQ(Method):
         self._beta = None           # the one beta tensor every layer's `beta` buffer points to
         self._bit_beta = None       # --bit-beta-max: the one bit-gate temperature tensor (layer.bit_beta)
         self.bit_beta = 1.0
+        self._cost_weights = None   # the budget term's per-layer weights (size, bops), on the device
+
+    def fixed_names(self) -> tuple:
+        return self.fixed_layers
+
+    def set_budget(self, facts, budget):
+        if budget.measure == "bits":
+            self.target = budget.value
+        elif self.init == "budget":
+            raise ConfigError(f"--budget {budget}: --csq-init budget starts every layer at a mean precision; "
+                              "use --budget bits=T with it, or --csq-init full (the default)")
+        super().set_budget(facts, budget)
 
     def prepare(self, model):
         # swap_layers converts Conv2d/Linear in named_modules order: the same order as here
@@ -463,26 +496,52 @@ class CSQ(Method):
 
     @torch.no_grad()
     def meet_budget(self):
-        """At the step the mask becomes final: kept bits in all = floor(target * layers), so the
-        average precision lands within one layer's step below the target. The budget term
-        counts bits with a hard threshold and so holds the count within a bit or two of the
-        target, flickering; this settles the last of it by the paper's own measure of how
-        marginal a bit is: over budget, the kept bit with the smallest mask logit goes (never a
-        layer's last bit, nor one the guard keeps); under, the dropped bit with the largest
-        comes back. Those logits sit next to 0, so the relaxed network hardly moves."""
+        """At the step the mask becomes final: the budget met exactly, within one bit's step
+        (bits=T: kept bits in all = floor(T * layers)). The budget term counts bits with a hard
+        threshold and so holds the measure within a bit or two of the budget, flickering; this
+        settles the last of it by the paper's own measure of how marginal a bit is: over
+        budget, the kept bit with the smallest mask logit goes among those whose removal lowers
+        the measure (never a layer's last bit, nor one the guard keeps; under size and bops
+        only a bit at the edge of a layer's span lowers its storage); under budget, the dropped
+        bit with the largest logit comes back while the measure stays within the budget (under
+        size and bops one next to its layer's span: a bit inside it costs nothing and stays as
+        the search left it, one further out would widen the span over dropped bits).
+        Those logits sit next to 0, so the relaxed network hardly moves."""
         layers = self.layers()
-        want = math.floor(self.target * len(layers) + 1e-6)
         logits = torch.stack([layer.bit_mask_logits for layer in layers])            # [L, 8]
         kept = logits >= 0
-        while int(kept.sum()) > want:
+        costs = self.costs
+        if costs is None:               # the model was prepared outside the loop (bits=T)
+            want = math.floor(self.target * len(layers) + 1e-6)
+            fits = lambda k: int(k.sum()) <= want                     # noqa: E731
+        else:
+            fits = lambda k: costs.fits(_allocation(k))               # noqa: E731
+        measure = (lambda k: int(k.sum())) if costs is None else (lambda k: costs.measure(_allocation(k)))  # noqa: E731
+        while not fits(kept):
             movable = kept & (kept.sum(1, keepdim=True) > max(self.min_layer_bits, 1))
+            if costs is not None and not costs.is_bits:
+                now = measure(kept)
+                for i in torch.nonzero(movable.view(-1)).flatten().tolist():
+                    trial = kept.clone()
+                    trial.view(-1)[i] = False
+                    movable.view(-1)[i] = measure(trial) < now
             if not movable.any():
                 break
             i = int(torch.where(movable, logits, float("inf")).argmin())
             kept.view(-1)[i] = False
-        while int(kept.sum()) < want:
-            i = int(torch.where(kept, -float("inf"), logits).argmax())
-            kept.view(-1)[i] = True
+        while True:                     # under budget: the best dropped bit that still fits comes back
+            back = ~kept if costs is None or costs.is_bits else _next_to_span(kept)
+            added = False
+            for i in torch.argsort(torch.where(back, logits, -float("inf")).view(-1), descending=True).tolist():
+                if not back.view(-1)[i]:
+                    break
+                trial = kept.clone()
+                trial.view(-1)[i] = True
+                if fits(trial) and measure(trial) > measure(kept):
+                    kept, added = trial, True
+                    break
+            if not added:
+                break
         margin = max(self.mask_init, 0.2)
         for layer, k, m in zip(layers, kept, logits):
             layer.bit_mask_logits.copy_(torch.where(k == (m >= 0), m, torch.where(k, margin, -margin)))
@@ -507,12 +566,26 @@ class CSQ(Method):
     def avg_precision(self) -> float:
         return float(self.precision_counts().float().mean())
 
+    def storage_counts(self) -> torch.Tensor:
+        """Storage bits per layer (span of the kept bits + sign), as a tensor: no host sync."""
+        return _storage(torch.stack([layer.kept_mask() for layer in self.layers()]))
+
     def regularizer(self):
+        """The paper's budget term, lam * (avg precision - T) * sum_layers sum_b sig(beta m_B[b]);
+        under --budget size or bops, (avg precision - T) becomes the measure's excess in bits
+        per layer (train.budget.Costs.excess) and each layer's sum is weighted by its share of
+        the measure's cost, so a bit of a big layer weighs what it costs."""
         layers = self.layers()
         if self.mask_frozen:
             return torch.zeros((), device=layers[0].scale.device)
-        delta = self.precision_counts().float().mean() - self.target
-        return self.lam * delta * torch.stack([layer.mask_penalty() for layer in layers]).sum()
+        penalties = torch.stack([layer.mask_penalty() for layer in layers])
+        if self.costs is None or self.costs.is_bits:
+            delta = self.precision_counts().float().mean() - self.target
+            return self.lam * delta * penalties.sum()
+        if self._cost_weights is None or self._cost_weights.device != penalties.device:
+            self._cost_weights = penalties.new_tensor(self.costs.weights())
+        delta = self.costs.excess(self.costs.measure_tensor(None, self.storage_counts()))
+        return self.lam * delta * (penalties * self._cost_weights).sum()
 
     def harden(self, hard: bool = True):
         for layer in self.all_layers():
