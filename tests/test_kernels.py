@@ -650,6 +650,13 @@ def test_aarch64_program_is_bit_exact_on_the_board(arm_board, tmp_path, target):
     lib_path = tmp_path / "model_any_batch.so"
     ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
     assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), report["strategy"]
+    g = signed_bottleneck()                       # int8 activations: as they are for sdot, + 128 for neon
+    x = random_input(g, 3, seed=9)
+    ex, report = compile_fast(g, None, target)
+    assert set(report["lowerings"].values()) == {"packed"}, report
+    lib_path = tmp_path / "signed_any_batch.so"
+    ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+    assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), report["strategy"]
 
 
 def odd_width_graphs():
