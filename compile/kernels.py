@@ -12,9 +12,10 @@ when it has few channels, e.g. RGB or gray), 8-bit, or int32 for a raw conv outp
     PackInputKernel      NCHW int8/uint8 -> packed 8-bit (stored = value + offset)
     ConvKernel           8-bit x int8 -> int32 accumulators, `lanes` output x 4 input channels
                          per dot-product instruction (a TensorIR intrinsic, `PackedISA.intrin`);
-                         the epilogue (bias, int64 requantization, ReLU clip, a residual add's
-                         other branches) is fused. Linear layers are 1x1 convs on a 1x1 image;
-                         a grouped conv reads a window of input chunks per output chunk.
+                         the epilogue (bias, int64 requantization, ReLU or symmetric clip, a
+                         residual add's other branches) is fused. Linear layers are 1x1 convs
+                         on a 1x1 image; a grouped conv reads a window of input chunks per
+                         output chunk.
     DepthwiseKernel      depthwise conv: 8-bit x int16 -> int32, 16 channels per vector (no
                          reduction over channels, so no dot products), the same epilogue
     AddKernel / PoolKernel / FlattenKernel / UnpackOutputKernel    small kernels
@@ -22,9 +23,12 @@ when it has few channels, e.g. RGB or gray), 8-bit, or int32 for a raw conv outp
 Weights are packed at compile time (NumPy, `pack_conv_weight`) into [O/16 * P, C/b, K, K,
 b/4, 16, 4]. Everything stays exact; the tricks that keep it so:
 - Stored values carry an offset (stored = value + offset) so that the instruction's operand
-  types fit: x86 (u8 x s8) stores the signed network input as x + 128; aarch64 (sdot, s8 x
-  s8) stores activations as a - 128. A conv's caller subtracts offset * sum(w) from its bias,
-  the conv pads with the stored zero (= offset), and every other kernel subtracts the offset.
+  types fit: x86 (u8 x s8) stores unsigned activations as they are and signed values (the
+  network input, out_signed activations) as x + 128; aarch64 (sdot, s8 x s8) stores unsigned
+  activations as a - 128 and signed values as they are (`PackedISA.out_offset`). A conv's
+  caller subtracts offset * sum(w) from its bias, the conv pads with the stored zero
+  (= offset), and every other kernel subtracts the offset, so a tensor's consumers take any
+  offset: an add's inputs or a fused add's branches may each have their own.
 - 9-bit weights (CSQ kept all 8 bits, |w| <= 255, int16 arrays) are split into two int8
   parts, w = 2 * (w >> 1) + (w & 1); the epilogue combines the two accumulators.
 - Channel counts are padded to 16 with zero weights, zero bias and zero multiplier.
@@ -62,6 +66,11 @@ class PackedISA:
     def input_offset(self, dtype: str) -> int:
         return dict(self.input_offsets)[dtype]
 
+    def out_offset(self, signed: bool) -> int:
+        """The offset of a kernel's 8-bit output: an unsigned activation's, or for a signed
+        one (out_signed) the signed network input's, so that it is stored as the input is."""
+        return self.input_offset("int8") if signed else self.act_offset
+
 
 # ----------------------------------------------------------------------------- helpers
 def _dims(shape):
@@ -83,9 +92,11 @@ def _rq(x64, mult, shift):
     return (x64 * _i64(mult) + (tirx.const(1, "int64") << (s - 1))) >> s
 
 
-def _store(y64, bits: int, dtype: str, offset: int):
-    """clip(y, 0, 2^bits - 1) + offset in the storage dtype."""
-    y = te.max(te.min(y64, tirx.const((1 << bits) - 1, "int64")), tirx.const(0, "int64"))
+def _store(y64, bits: int, dtype: str, offset: int, signed: bool = False):
+    """clip(y, 0, 2^bits - 1), or signed clip(y, -(2^(bits-1) - 1), 2^(bits-1) - 1) (graph.out_range),
+    + offset in the storage dtype."""
+    hi = (1 << (bits - 1)) - 1 if signed else (1 << bits) - 1
+    y = te.max(te.min(y64, tirx.const(hi, "int64")), tirx.const(-hi if signed else 0, "int64"))
     return (y + offset).astype(dtype) if offset else y.astype(dtype)
 
 
@@ -173,8 +184,9 @@ def pack_depthwise_weight(w: np.ndarray) -> np.ndarray:
 def _epilogue(kernel, n, ho, wo, total, folded=None):
     """A conv kernel's fused epilogue on `total(i, oc, oh, ow, ob)` (acc + bias, int32):
     (its placeholders, the output). out "raw": the int32 itself; "requant": clip(rq(total, M,
-    s) + sum_j rq(extra_j, M_j, s_j)) + act_offset in the ISA's activation dtype (extras: the
-    other branches of a fused residual add, `kernel.extras` = their (dtype, offset)).
+    s) + sum_j rq(extra_j, M_j, s_j)) + offset in the ISA's activation dtype (extras: the
+    other branches of a fused residual add, `kernel.extras` = their (dtype, offset); the clip
+    and offset: `out_signed`'s, `PackedISA.out_offset`).
     `folded`: an int64 [chunks, 16] tensor of bias * M + 2^(s-1), and `total` the accumulator
     alone: rq(acc + bias) = (acc * M + folded) >> s (exact: |(acc + bias) * M| < 2^62)."""
     pc = (kernel.out_chunks, BLOCK)
@@ -200,7 +212,8 @@ def _epilogue(kernel, n, ho, wo, total, folded=None):
             y = (_i64(a) * _i64(mult[oc, ob]) + folded[oc, ob]) >> _i64(shift[oc, ob])
         for x, m, sh, offset in extras:
             y = y + _rq(_value(x[i, oc, oh, ow, ob], offset), m[oc, ob], sh[oc, ob])
-        return _store(y, kernel.out_bits, kernel.isa.act_dtype, kernel.isa.act_offset)
+        return _store(y, kernel.out_bits, kernel.isa.act_dtype, kernel.isa.out_offset(kernel.out_signed),
+                      kernel.out_signed)
 
     return args, te.compute((n, kernel.out_chunks, ho, wo, BLOCK), epilogue, name="epilogue")
 
@@ -219,7 +232,8 @@ class _SlidingWindow:
 class ConvKernel(_SlidingWindow):
     """Packed conv2d: [N, C/b, H, W, b] 8-bit x packed weights -> [N, O/16, Ho, Wo, 16].
 
-    out "requant": clip(rq(acc + bias, M, s) + sum_j rq(extra_j, M_j, s_j)) + act_offset;
+    out "requant": clip(rq(acc + bias, M, s) + sum_j rq(extra_j, M_j, s_j)) + offset, the clip
+                   0..2^bits - 1, or +-(2^(bits-1) - 1) with out_signed (`PackedISA.out_offset`);
     out "raw":     acc + bias as int32 (feeds a residual add that is not fused here).
     `acc` sums stored inputs; the lowering folds the input offset into the bias.
 
@@ -244,6 +258,7 @@ class ConvKernel(_SlidingWindow):
     out_bits: int
     extras: tuple = ()      # (dtype, offset) of fused residual addends
     window: tuple = ()      # grouped: (data chunks, per, step); (): dense, all in_chunks
+    out_signed: bool = False    # requant: symmetric clip, stored with the signed offset
 
     @property
     def macs(self) -> int:
@@ -393,6 +408,7 @@ class DepthwiseKernel(_SlidingWindow):
     out: str                # "requant" | "raw"
     out_bits: int
     extras: tuple = ()      # (dtype, offset) of fused residual addends
+    out_signed: bool = False    # requant: symmetric clip, stored with the signed offset
 
     @property
     def folds_bias(self) -> bool:
@@ -564,12 +580,14 @@ class FlattenKernel:
 
 @dataclass(frozen=True)
 class AddKernel:
-    """y = clip(sum_i rq(x_i, M_i, s_i), 0, 2^bits - 1) on packed tensors."""
+    """y = clip(sum_i rq(x_i, M_i, s_i), 0, 2^bits - 1) on packed tensors (out_signed: clip to
+    +-(2^(bits-1) - 1)); each input has its own offset, the output `out_offset`."""
     shape: tuple            # packed shape
     inputs: tuple           # (dtype, offset) per input
     out_bits: int
     out_dtype: str
     out_offset: int
+    out_signed: bool = False
 
     def tensors(self):
         shape = _dims(self.shape)
@@ -582,7 +600,7 @@ class AddKernel:
             for x, m, s, off in ins:
                 r = _rq(_value(x[i, c, y, z, b], off), m[c, b], s[c, b])
                 total = r if total is None else total + r
-            return _store(total, self.out_bits, self.out_dtype, self.out_offset)
+            return _store(total, self.out_bits, self.out_dtype, self.out_offset, self.out_signed)
         out = te.compute(shape, f, name="add")
         return [t for group in ins for t in group[:3]] + [out]
 
@@ -593,15 +611,19 @@ class AddKernel:
 
 @dataclass(frozen=True)
 class PoolKernel:
-    """avgpool (window sum, rq, clip) or maxpool on packed 8-bit tensors, zero padding."""
+    """avgpool (window sum, rq, clip) or maxpool on packed 8-bit tensors, zero padding (the
+    stored zero). A maxpool's output is stored as its input (max commutes with the offset);
+    an avgpool's is an unsigned activation, stored with `out_offset` (a signed input's offset
+    is not an unsigned output's: x86 stores int8 values as x + 128, uint8 ones as they are)."""
     kind: str               # avgpool | maxpool
     shape: tuple            # packed input shape
-    dtype: str
-    offset: int             # stored = value + offset, input and output alike
+    dtype: str              # storage of input and output
+    offset: int             # stored = value + offset, the input (and a maxpool's output)
     kernel: int
     stride: int
     padding: int
     out_bits: int
+    out_offset: int         # avgpool: the output's offset
 
     def tensors(self):
         n, cc, h, w, b = _dims(self.shape)
@@ -620,7 +642,7 @@ class PoolKernel:
             xp[i, c, y * s + ry, z * s + rx, cb].astype("int32"), axis=[ry, rx]), name="pool")
         corr = self.offset * k * k
         out = te.compute(total.shape, lambda *idx: _store(_rq(_i64(total[idx]) - corr, mult[0], shift[0]),
-                                                          self.out_bits, self.dtype, self.offset),
+                                                          self.out_bits, self.dtype, self.out_offset),
                          name="pool_rq")
         return [x, mult, shift, out]
 

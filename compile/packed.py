@@ -20,6 +20,9 @@ and so is every tensor that passes between a packed op and one another strategy 
   x86-avx2 or arm-neon, the default lowering takes it).
 - add / avgpool / maxpool / flatten: AddKernel, PoolKernel, FlattenKernel (a flatten of a
   1x1 map is free).
+A signed output (out_signed: a linear bottleneck's projection conv or residual sum) is clipped
+symmetrically and stored as the signed network input is (`_activation`: x86 x + 128 in uint8,
+sdot as it is in int8); the PackedValue carries that offset, which every consumer takes.
 Every int32 intermediate is bounded statically here (`_accumulator_bound`); an op outside what
 the kernels handle exactly raises Unsupported with the reason (and takes the default lowering).
 """
@@ -101,6 +104,32 @@ def _stored_max(lo: int, hi: int, offset: int) -> int:
     return max(abs(lo + offset), abs(hi + offset))
 
 
+def _value_range(dtype: str, bits: int) -> tuple[int, int]:
+    """[lo, hi] of an 8-bit tensor's values (the contract: int8 symmetric, uint8 from 0)."""
+    if dtype == "int8":
+        return -(1 << (bits - 1)) + 1, (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _fits(isa, lo: int, hi: int, offset: int) -> bool:
+    """Values in [lo, hi] + offset fit the ISA's activation dtype."""
+    dlo, dhi = (0, 255) if isa.act_dtype == "uint8" else (-128, 127)
+    return dlo <= lo + offset and hi + offset <= dhi
+
+
+def _activation(isa, op: G.Op, bits: int, signed: bool) -> tuple[int, int]:
+    """(offset, max |stored value|) of an 8-bit output `op`'s kernel stores: an unsigned
+    activation with the ISA's activation offset, a signed one (out_signed) with the signed
+    network input's (`PackedISA.out_offset`); Unsupported when it does not fit the ISA's
+    activation dtype (never with x86's or aarch64's offsets, 2..8 bits signed, 1..8 unsigned)."""
+    lo, hi = _value_range("int8" if signed else "uint8", bits)
+    offset = isa.out_offset(signed)
+    if not _fits(isa, lo, hi, offset):
+        raise Unsupported(f"layer '{op.name}': {'signed ' if signed else ''}{bits}-bit output stored as "
+                          f"{isa.act_dtype} with offset {offset}")
+    return offset, _stored_max(lo, hi, offset)
+
+
 def _check_bound(op_name, bound, what):
     if bound > INT32_MAX:
         raise Unsupported(f"layer '{op_name}': {what} can exceed int32 (bound {bound})")
@@ -122,12 +151,9 @@ def pack(ctx, name: str, x) -> PackedValue:
         stored, offset, max_abs = "int32", 0, INT32_MAX
     else:
         offset = isa.input_offset(t.dtype)
-        if t.dtype == "int8":
-            lo, hi = -(1 << (t.bits - 1)) + 1, (1 << (t.bits - 1)) - 1
-        else:
-            lo, hi = 0, (1 << t.bits) - 1
-        stored = "uint8" if lo + offset >= 0 else "int8"
-        if stored != isa.act_dtype or not -128 <= lo + offset <= hi + offset <= 255:
+        lo, hi = _value_range(t.dtype, t.bits)
+        stored = isa.act_dtype
+        if not _fits(isa, lo, hi, offset):
             raise Unsupported(f"{t.dtype} network input on {isa.name}" if is_input
                               else f"{t.dtype} tensor '{name}' on {isa.name}")
         max_abs = _stored_max(lo, hi, offset)
@@ -183,7 +209,7 @@ def _out_hw(op, src):
 
 
 def _weights(op, src: PackedValue, w, isa):
-    """(make(batch, stride, padding, out, out_bits, extras) -> kernel, () -> its packed
+    """(make(batch, stride, padding, out, out_bits, extras, out_signed) -> kernel, () -> its packed
     weights, the weights' int8 parts as the accumulator bound sees them) for conv/linear `op`
     on `src` with `isa`: a `DepthwiseKernel` for a depthwise conv (groups = C = O) of 16-channel blocks,
     else a `ConvKernel`, a grouped conv reading a window of input chunks per output chunk
@@ -194,9 +220,9 @@ def _weights(op, src: PackedValue, w, isa):
     o, c, k, _ = w.shape
     groups = op.attrs.get("groups", 1) if op.kind == "conv2d" else 1
     if groups > 1 and c == 1 and o == groups and src.block == BLOCK:
-        def make_depthwise(batch, stride, padding, out, out_bits, extras):
+        def make_depthwise(batch, stride, padding, out, out_bits, extras, out_signed):
             return DepthwiseKernel(isa, batch, src.dtype, chunks(o), src.height, src.width, k, stride, padding,
-                                   src.offset, out, out_bits, extras)
+                                   src.offset, out, out_bits, extras, out_signed)
         return make_depthwise, (lambda: pack_depthwise_weight(w)), [w]     # int16 weights: one part
     parts = weight_parts(w)
     if groups == 1:
@@ -219,9 +245,9 @@ def _weights(op, src: PackedValue, w, isa):
         window = (chunks(src.channels, src.block), per, step)
         packed = lambda: pack_grouped_weight(w, groups, src.block, (width, per, step))
 
-    def make(batch, stride, padding, out, out_bits, extras):
+    def make(batch, stride, padding, out, out_bits, extras, out_signed):
         return ConvKernel(isa, batch, src.dtype, width, src.block, src.height, src.width, chunks(o), k, stride,
-                          padding, src.offset, len(parts), out, out_bits, extras, window)
+                          padding, src.offset, len(parts), out, out_bits, extras, window, out_signed)
     return make, packed, parts
 
 
@@ -250,6 +276,7 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
     _check_bound(op.name, _accumulator_bound(parts, src.max_abs, bias), "the accumulator")
     requant = add_op is not None or "multiplier" in op.arrays
     out_bits = (add_op or op).attrs.get("out_bits", 8)
+    signed = requant and bool((add_op or op).attrs.get("out_signed", False))
     extras, others, out_name = (), [], op.output
     if add_op is not None:
         i = add_op.inputs.index(op.output)
@@ -262,11 +289,11 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
             others.append((j, other))
             extras += ((other.dtype, other.offset),)
         out_name = add_op.output
-    kernel = make(ctx.kernel_batch, stride, padding, "requant" if requant else "raw", out_bits, extras)
+    kernel = make(ctx.kernel_batch, stride, padding, "requant" if requant else "raw", out_bits, extras, signed)
     ho, wo = kernel.out_hw
     if requant:
-        v = PackedValue(isa.act_dtype, o, ho, wo, BLOCK, _stored_max(0, (1 << out_bits) - 1, isa.act_offset),
-                        isa.act_offset)
+        offset, max_abs = _activation(isa, add_op or op, out_bits, signed)
+        v = PackedValue(isa.act_dtype, o, ho, wo, BLOCK, max_abs, offset)
     else:
         v = PackedValue("int32", o, ho, wo, BLOCK, INT32_MAX)
 
@@ -295,7 +322,6 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
 @register("linear", "packed", layout=PACKED)
 @register("conv2d", "packed", layout=PACKED)
 def lower_conv(ctx, op: G.Op, inputs):
-    _unsigned_output(op)
     v = _conv(ctx, op, inputs[0])
     users = ctx.consumers(op.output)
     if len(users) == 1 and users[0].kind == "add" and _fused_main(ctx, users[0]) == op.output:
@@ -304,17 +330,9 @@ def lower_conv(ctx, op: G.Op, inputs):
     return _now(v)
 
 
-def _unsigned_output(op: G.Op):
-    """The packed epilogues store the ReLU clip 0..2^bits - 1; a signed (int8) output, a linear
-    bottleneck's, takes the default lowering for now."""
-    if op.attrs.get("out_signed"):
-        raise Unsupported(f"layer '{op.name}': signed (int8) output")
-
-
 # ----------------------------------------------------------------------------- add / pools
 @register("add", "packed", layout=PACKED)
 def lower_add(ctx, op: G.Op, inputs):
-    _unsigned_output(op)
     isa = _isa(ctx)
     if ctx.graph.input.name in op.inputs:
         raise Unsupported(f"layer '{op.name}': {op.kind} of the network input")
@@ -329,11 +347,11 @@ def lower_add(ctx, op: G.Op, inputs):
     if any((v.channels, v.height, v.width, v.block) != (first.channels, first.height, first.width, BLOCK)
            for v in inputs):
         raise Unsupported(f"layer '{op.name}': add of differently shaped tensors")
-    bits = op.attrs["out_bits"]
+    bits, signed = op.attrs["out_bits"], bool(op.attrs.get("out_signed", False))
+    offset, max_abs = _activation(isa, op, bits, signed)
     kernel = AddKernel(first.shape(ctx.kernel_batch), tuple((v.dtype, v.offset) for v in inputs), bits,
-                       isa.act_dtype, isa.act_offset)
-    out = PackedValue(isa.act_dtype, first.channels, first.height, first.width, BLOCK,
-                      _stored_max(0, (1 << bits) - 1, isa.act_offset), isa.act_offset)
+                       isa.act_dtype, offset, signed)
+    out = PackedValue(isa.act_dtype, first.channels, first.height, first.width, BLOCK, max_abs, offset)
 
     def emit():
         args = []
@@ -347,7 +365,7 @@ def lower_add(ctx, op: G.Op, inputs):
 @register("maxpool", "packed", layout=PACKED)
 @register("avgpool", "packed", layout=PACKED)
 def lower_pool(ctx, op: G.Op, inputs):
-    _isa(ctx)
+    isa = _isa(ctx)
     if ctx.graph.input.name in op.inputs:
         raise Unsupported(f"layer '{op.name}': {op.kind} of the network input")
     src = inputs[0]
@@ -356,23 +374,22 @@ def lower_pool(ctx, op: G.Op, inputs):
     a = op.attrs
     k, s, p = a["kernel"], a["stride"], a.get("padding", 0)
     ho, wo = (src.height + 2 * p - k) // s + 1, (src.width + 2 * p - k) // s + 1
-    kernel = PoolKernel(op.kind, src.shape(ctx.kernel_batch), src.dtype, src.offset, k, s, p, a.get("out_bits", 8))
+    if src.dtype != isa.act_dtype:
+        raise Unsupported(f"layer '{op.name}': {src.dtype} input on {isa.name}")
     consts = []
     if op.kind == "avgpool":
         if np.size(op.arrays["multiplier"]) != 1 or np.size(op.arrays["shift"]) != 1:
             raise Unsupported(f"layer '{op.name}': per-channel avgpool multiplier")
-        # the output is stored like the input (same dtype and offset): it must fit
-        lo, hi = (0, 255) if src.dtype == "uint8" else (-128, 127)
-        if not (lo <= src.offset and (1 << a["out_bits"]) - 1 + src.offset <= hi):
-            raise Unsupported(f"layer '{op.name}': {a['out_bits']}-bit output stored as {src.dtype} "
-                              f"with offset {src.offset}")
+        # an unsigned activation whatever the input (a signed one: window sum - offset * k^2)
+        offset, bound = _activation(isa, op, a["out_bits"], False)
         _check_bound(op.name, src.max_abs * k * k, "the window sum")
         consts = [relax.const(np.asarray(op.arrays["multiplier"], np.int32).reshape(1)),
                   relax.const(np.asarray(op.arrays["shift"], np.int32).reshape(1))]
-        bound = _stored_max(0, (1 << a["out_bits"]) - 1, src.offset)
     else:
-        bound = src.max_abs
-    v = PackedValue(src.dtype, src.channels, ho, wo, src.block, bound, src.offset)
+        offset, bound = src.offset, src.max_abs
+    kernel = PoolKernel(op.kind, src.shape(ctx.kernel_batch), src.dtype, src.offset, k, s, p, a.get("out_bits", 8),
+                        offset)
+    v = PackedValue(src.dtype, src.channels, ho, wo, src.block, bound, offset)
     v.emit = lambda: ctx.call_kernel(kernel, [src.var] + consts, v.shape(ctx.kernel_batch), v.dtype, op.output)
     return _now(v)
 

@@ -5,8 +5,11 @@ the contract: int8 (signed) or uint8 inputs of 1-8 bits, weights of 1-9 storage 
 values use a random, non-contiguous set of bit positions (e.g. {3, 0}: 0, ±1, ±8, ±9),
 activations of 1-8 bits, per-channel or single multipliers (some negative) and shifts,
 grouped convs, strides and paddings, residual blocks (an add of a raw int32 conv branch and a
-uint8 branch, or of two raw branches), maxpool (also straight on a signed input, where the
-contract's zero padding differs from -inf padding), avgpool, flatten and linear.
+uint8 or int8 branch, or of two raw branches), maxpool (also straight on a signed input, where the
+contract's zero padding differs from -inf padding), avgpool, flatten and linear. About one
+requantized conv, linear or add in SIGNED_SHARE has a signed output (out_signed, int8: a linear
+bottleneck's), drawn from a stream of its own, so a seed's graph has the same structure and
+draws as without signed outputs (only the values that depend on a tensor's range differ).
 Every graph passes `mixq.graph.validate` (so `value_bounds`' int32 overflow proof).
 """
 from __future__ import annotations
@@ -15,10 +18,14 @@ import numpy as np
 
 from mixq import graph as G
 
+SIGNED_SHARE = 0.3
+
+
 
 class _Builder:
-    def __init__(self, rng: np.random.Generator):
+    def __init__(self, rng: np.random.Generator, signed_rng: np.random.Generator | None = None):
         self.rng = rng
+        self.signed_rng = signed_rng    # whether an output is signed (None: never)
         self.ops, self.tensors = [], {}
         self.spread = {}            # raw int32 tensor -> typical |value| (to scale adds)
         self.bound = {}             # raw int32 tensor -> max |value| (keeps adds inside int32)
@@ -40,6 +47,14 @@ class _Builder:
     # ------------------------------------------------------------------ values
     def max_abs(self, t: G.TensorInfo) -> int:
         return (1 << t.bits) - 1 if t.dtype == "uint8" else (1 << (t.bits - 1)) - 1
+
+    def requantized(self, attrs: dict, out_bits: int) -> tuple:
+        """(dtype, bits) of a requantized output, signed (attrs get out_signed) now and then."""
+        attrs["out_bits"] = out_bits
+        if self.signed_rng is not None and out_bits >= 2 and self.signed_rng.random() < SIGNED_SHARE:
+            attrs["out_signed"] = True
+            return "int8", out_bits
+        return "uint8", out_bits
 
     def weights(self, shape, storage_bits: int) -> np.ndarray:
         """Signed weights whose magnitudes use a random subset of bit positions below
@@ -84,12 +99,10 @@ class _Builder:
             self.spread[out.name] = spread
             self.bound[out.name] = int((l1 * self.max_abs(x) + np.abs(bias.astype(np.int64))).max())
             return out
-            return out
         out_bits = int(self.rng.integers(1, 9))
         m, s = self.requant(out_ch, spread, out_bits, allow_negative=self.rng.random() < 0.2)
-        attrs["out_bits"] = out_bits
         arrays.update(multiplier=m, shift=s)
-        return self.emit("conv2d", [x], (out_ch, h, wd), "uint8", out_bits, attrs, arrays)
+        return self.emit("conv2d", [x], (out_ch, h, wd), *self.requantized(attrs, out_bits), attrs, arrays)
 
     def linear(self, x: G.TensorInfo, out_features: int, raw: bool):
         sb = int(self.rng.integers(1, 10))
@@ -101,32 +114,32 @@ class _Builder:
             return self.emit("linear", [x], (out_features,), "int32", 32, attrs, arrays)
         out_bits = int(self.rng.integers(1, 9))
         m, s = self.requant(out_features, spread, out_bits)
-        attrs["out_bits"] = out_bits
         arrays.update(multiplier=m, shift=s)
-        return self.emit("linear", [x], (out_features,), "uint8", out_bits, attrs, arrays)
+        return self.emit("linear", [x], (out_features,), *self.requantized(attrs, out_bits), attrs, arrays)
 
     def add(self, xs: list):
         out_bits = int(self.rng.integers(1, 9))
         channels = xs[0].shape[0]
         arrays = {}
         for i, x in enumerate(xs):
-            spread = self.max_abs(x) if x.dtype == "uint8" else self.spread[x.name]
-            bound = self.max_abs(x) if x.dtype == "uint8" else self.bound[x.name]
+            spread = self.max_abs(x) if x.dtype != "int32" else self.spread[x.name]
+            bound = self.max_abs(x) if x.dtype != "int32" else self.bound[x.name]
             # value_bounds pairs the largest M with the smallest shift: stay well inside int32
             m, s = self.requant(channels, spread * len(xs), out_bits, allow_negative=True,
                                 cap=2.0 ** 28 / (max(bound, 1) * len(xs)),
                                 # (M=0, s=1) would pair with another channel's M in value_bounds
                                 dead_channel=False)
             arrays[f"multiplier{i}"], arrays[f"shift{i}"] = m, s
-        return self.emit("add", xs, xs[0].shape, "uint8", out_bits, {"out_bits": out_bits}, arrays)
+        attrs = {}
+        return self.emit("add", xs, xs[0].shape, *self.requantized(attrs, out_bits), attrs, arrays)
 
     def residual(self, x: G.TensorInfo):
-        """conv -> conv(raw) + shortcut: the identity (uint8) or a 1x1 raw conv."""
+        """conv -> conv(raw) + shortcut: the identity (uint8 or int8) or a 1x1 raw conv."""
         c = x.shape[0]
         k = int(self.rng.choice([1, 3]))
         a = self.conv(x, c, k, 1, k // 2)
         b = self.conv(a, c, k, 1, k // 2, raw=True)
-        if x.dtype == "uint8" and self.rng.random() < 0.6:
+        if x.dtype != "int32" and self.rng.random() < 0.6:
             return self.add([b, x])
         shortcut = self.conv(x, c, 1, 1, 0, raw=True)
         return self.add([shortcut, b] if self.rng.random() < 0.5 else [b, shortcut])
@@ -149,7 +162,7 @@ class _Builder:
 
 def random_graph(seed: int) -> G.IntGraph:
     rng = np.random.default_rng(seed)
-    b = _Builder(rng)
+    b = _Builder(rng, np.random.default_rng([seed, 1]))
     signed = rng.random() < 0.6
     in_bits = int(rng.integers(2, 9)) if signed else int(rng.integers(1, 9))
     shape = (int(rng.integers(1, 5)), int(rng.integers(6, 13)), int(rng.integers(6, 13)))

@@ -104,9 +104,10 @@ def lower_add_with_relax_ops(ctx, op, inputs):
         term = relax.op.right_shift(relax.op.add(relax.op.multiply(relax.op.astype(x, "int64"), const(m)),
                                                  const(rounding)), const(s))
         total = term if total is None else relax.op.add(total, term)
-    hi = relax.const(np.int64((1 << op.attrs["out_bits"]) - 1), "int64")
-    clipped = relax.op.minimum(relax.op.maximum(total, relax.const(np.int64(0), "int64")), hi)
-    return ctx.bb.emit(relax.op.astype(clipped, "uint8"))
+    lo, hi, dtype = G.out_range(op.attrs)                    # uint8, or int8 with out_signed
+    clipped = relax.op.minimum(relax.op.maximum(total, relax.const(np.int64(lo), "int64")),
+                               relax.const(np.int64(hi), "int64"))
+    return ctx.bb.emit(relax.op.astype(clipped, dtype))
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -161,7 +162,9 @@ def test_fuzz_seeds_cover_every_op_kind_and_both_residual_shapes(graphgen):
     kinds = {op.kind for g in graphs for op in g.ops}
     assert kinds == set(G.OP_KINDS)
     add_inputs = {tuple(g.tensors[i].dtype for i in op.inputs) for g in graphs for op in g.ops if op.kind == "add"}
-    assert ("int32", "uint8") in add_inputs and ("int32", "int32") in add_inputs
+    assert ("int32", "uint8") in add_inputs and ("int32", "int32") in add_inputs and ("int32", "int8") in add_inputs
+    signed = {op.kind for g in graphs for op in g.ops if op.attrs.get("out_signed")}
+    assert signed == {"conv2d", "linear", "add"}, signed
     bits = {op.attrs["storage_bits"] for g in graphs for op in g.ops if "storage_bits" in op.attrs}
     assert min(bits) <= 3 and max(bits) >= 8
 
@@ -191,6 +194,9 @@ def test_random_graph_on_the_fast_path_is_bit_exact(seed, host_target, graphgen)
         np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, batch {len(x)}, {info['strategy']}")
     if info["strategy"] != "default":
         assert set(info.get("fallbacks", {})) == {op for op, s in info["lowerings"].items() if s == "default"}
+        # signed outputs stay on it (grouped convs aside: those need dot-product instructions)
+        signed = [op.name for op in g.ops if op.attrs.get("out_signed") and op.attrs.get("groups", 1) == 1]
+        assert all(info["lowerings"][name] == "packed" for name in signed), info.get("fallbacks")
 
 
 def test_fuzz_seeds_mix_fast_path_and_default_ops(host_target, graphgen):

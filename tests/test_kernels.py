@@ -49,7 +49,8 @@ class Builder:
     def _add_tensor(self, name, shape, dtype, bits):
         self.tensors[name] = G.TensorInfo(name, tuple(shape), dtype, bits, 1.0)
 
-    def conv(self, src, cout, k=3, stride=1, padding=1, wbits=8, out_bits=8, raw=False, kind="conv2d", groups=1):
+    def conv(self, src, cout, k=3, stride=1, padding=1, wbits=8, out_bits=8, raw=False, kind="conv2d", groups=1,
+             signed=False):
         name = f"{kind}{len(self.ops)}"
         t = self.tensors[src]
         cin = t.shape[0]
@@ -75,8 +76,10 @@ class Builder:
         else:
             arrays["multiplier"], arrays["shift"] = self._multiplier((1 << out_bits) / (2 * typical), cout)
             attrs["out_bits"] = out_bits
-            dtype, bits = "uint8", out_bits
-            self.max[name] = (1 << out_bits) - 1
+            dtype, bits = ("int8" if signed else "uint8"), out_bits
+            self.max[name] = (1 << (out_bits - 1)) - 1 if signed else (1 << out_bits) - 1
+            if signed:
+                attrs["out_signed"] = True
         self.ops.append(G.Op(name, kind, [src], name, attrs, arrays))
         self._add_tensor(name, shape, dtype, bits)
         return name
@@ -84,15 +87,16 @@ class Builder:
     def linear(self, src, cout, **kw):
         return self.conv(src, cout, kind="linear", **kw)
 
-    def add(self, *srcs, out_bits=8):
+    def add(self, *srcs, out_bits=8, signed=False):
         name = f"add{len(self.ops)}"
         c = self.tensors[srcs[0]].shape[0]
         arrays = {}
         for i, s in enumerate(srcs):
             arrays[f"multiplier{i}"], arrays[f"shift{i}"] = self._multiplier((1 << out_bits) / (len(srcs) * self.max[s]), c)
-        self.ops.append(G.Op(name, "add", list(srcs), name, {"out_bits": out_bits}, arrays))
-        self._add_tensor(name, self.tensors[srcs[0]].shape, "uint8", out_bits)
-        self.max[name] = (1 << out_bits) - 1
+        attrs = {"out_bits": out_bits, **({"out_signed": True} if signed else {})}
+        self.ops.append(G.Op(name, "add", list(srcs), name, attrs, arrays))
+        self._add_tensor(name, self.tensors[srcs[0]].shape, "int8" if signed else "uint8", out_bits)
+        self.max[name] = (1 << (out_bits - 1)) - 1 if signed else (1 << out_bits) - 1
         return name
 
     def pool(self, src, kind, kernel, stride, padding=0, out_bits=8):
@@ -300,13 +304,14 @@ def mixed_residual(seed=21):
 
 def offset_pools(seed=22):
     """Average pools of an int8 tensor that the default lowering made (stored with offset 128 on
-    x86): a 7-bit output fits the storage, an 8-bit one does not and takes the default kernel."""
+    x86): their outputs are unsigned activations, stored without the input's offset, so an 8-bit
+    one fits the storage as a 7-bit one does."""
     b = Builder((16, 6, 6), seed)
     m = b.pool("input", "maxpool", 3, 1, padding=1)
     a7 = b.pool(m, "avgpool", 2, 2, out_bits=7)
     a8 = b.pool(m, "avgpool", 2, 2, out_bits=8)
     s = b.add(b.conv(a7, 16, raw=True), b.conv(a8, 16, raw=True))
-    return b.graph(b.linear(b.flatten(s), 10, wbits=8, raw=True)), {m: "default", a7: "packed", a8: "default"}
+    return b.graph(b.linear(b.flatten(s), 10, wbits=8, raw=True)), {m: "default", a7: "packed", a8: "packed"}
 
 
 @needs_vnni
@@ -495,6 +500,88 @@ def test_group_windows_cover_each_output_channels_group():
     assert kernels.group_window(32, 64, 4, 16) == (1, 2, 1)
 
 
+# ----------------------------------------------------------------------------- signed activations
+def signed_bottleneck(seed=51, input_dtype="int8"):
+    """Signed (int8, out_signed) activations everywhere a MobileNetV2 has them and more, every
+    op on the fast path: signed outputs of a 3x3 conv, a 1x1 projection, a depthwise conv, a
+    residual add fused into a 1x1 conv's epilogue (a signed branch) and into a depthwise one's
+    (a signed and an unsigned branch: two offsets), a standalone add of a signed and an
+    unsigned tensor, and a linear layer (the network output); signed tensors read by a conv, a
+    depthwise conv, a maxpool (zero padding: not -inf for negative values), an avgpool (an 8-bit
+    unsigned output), a flatten of a 2x2 map and a linear layer. 24 channels: padded blocks."""
+    b = Builder((8, 10, 10), seed, input_dtype)
+    s0 = b.conv("input", 24, wbits=6, signed=True)                   # 3x3, 4-channel input blocks
+    e = b.conv(s0, 48, k=1, padding=0, wbits=5)                       # expansion of a signed tensor
+    d = b.conv(e, 48, groups=48, wbits=7)
+    y = b.conv(d, 24, k=1, padding=0, wbits=6, raw=True)              # projection, computes ...
+    r1 = b.add(y, s0, signed=True)                                    # ... this signed residual sum
+    p = b.conv(r1, 24, k=1, padding=0, wbits=4, out_bits=6, signed=True)
+    u = b.conv(r1, 24, k=1, padding=0, wbits=5, out_bits=7)
+    s = b.add(p, u, out_bits=7, signed=True)                          # standalone, offsets differ
+    dw = b.conv(s, 24, groups=24, wbits=8, raw=True)                  # depthwise of a signed tensor ...
+    r2 = b.add(dw, s, u, signed=True)                                 # ... with this add in its epilogue
+    dws = b.conv(r2, 24, stride=2, groups=24, wbits=9, out_bits=5, signed=True)
+    m = b.pool(dws, "maxpool", 3, 1, padding=1)
+    q = b.conv(m, 32, stride=2, out_bits=7, signed=True)
+    a = b.pool(q, "avgpool", 2, 1)
+    z = b.conv(a, 16, k=1, padding=0, signed=True)
+    return b.graph(b.linear(b.flatten(z), 10, wbits=7, signed=True))
+
+
+def signed_bottleneck_uint8_input():
+    return signed_bottleneck(seed=52, input_dtype="uint8")
+
+
+@pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
+                                    pytest.param(AVX2_TARGET, marks=needs_avx2, id="avx2")])
+@pytest.mark.parametrize("make_graph", [signed_bottleneck, signed_bottleneck_uint8_input])
+def test_signed_activations_are_bit_exact_on_the_fast_path(make_graph, target):
+    """Every op packed (none declined), the int8 output bit-exact at batch 1 and 3 (one
+    any-batch library) and at a fixed batch 2."""
+    g = make_graph()
+    G.validate(g)
+    assert sum(bool(op.attrs.get("out_signed")) for op in g.ops) == 9
+    for batch, runs in ((None, (1, 3)), (2, (2,))):
+        lines = []
+        mod, info = build.lower_module(g, tvm.target.Target(target), "auto", {"batch": batch}, log=lines.append)
+        assert set(info["lowerings"].values()) == {"packed"} and "fallbacks" not in info, info
+        assert lines == [f"fast path: used ({info['strategy']}) for 17 of 17 ops (3 depthwise convs)"]
+        ex, _ = compile_fast(g, batch, target)
+        vm = relax.VirtualMachine(ex, tvm.cpu())
+        for n in runs:
+            x = random_input(g, n, seed=n)
+            got, want = vm["main"](tvm.runtime.tensor(x)).numpy(), G.run(g, x)
+            assert got.dtype == want.dtype == np.int8 and np.array_equal(got, want), (batch, n)
+
+
+def test_signed_outputs_are_stored_as_the_signed_input_is(monkeypatch):
+    """The packed values' storage: x86 stores a signed activation as x + 128 in uint8 (an
+    unsigned one as it is), aarch64 sdot as it is in int8 (an unsigned one as a - 128); an
+    avgpool's output is unsigned whatever its input; max_abs bounds the stored values."""
+    from mixq.compile import lower
+    g = signed_bottleneck()
+    seen = {}
+    real = lower.lower_op
+
+    def spy(ctx, op, strategies):
+        real(ctx, op, strategies)
+        seen[op.output] = ctx.values[op.output]
+    monkeypatch.setattr(lower, "lower_op", spy)
+    for target, signed, unsigned in ((VNNI_TARGET, ("uint8", 128), ("uint8", 0)),
+                                     (AARCH64_SDOT, ("int8", 0), ("int8", -128))):
+        seen.clear()
+        lower.lower_graph(g, tvm.target.Target(target), batch=1)
+        for op in g.ops:
+            t = g.tensors[op.output]
+            if t.dtype == "int32":
+                continue
+            layout, v = seen[op.output]
+            assert layout == "packed" and (v.dtype, v.offset) == (signed if t.dtype == "int8" else unsigned), op.name
+            hi = (1 << (t.bits - 1)) - 1 if t.dtype == "int8" else (1 << t.bits) - 1
+            lo = -hi if t.dtype == "int8" else 0
+            assert v.max_abs == max(abs(lo + v.offset), abs(hi + v.offset)), op.name
+
+
 # ----------------------------------------------------------------------------- aarch64
 AARCH64_SDOT = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
 AARCH64_NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
@@ -561,6 +648,13 @@ def test_aarch64_program_is_bit_exact_on_the_board(arm_board, tmp_path, target):
     x = random_input(g, 3, seed=8)
     ex, report = compile_fast(g, None, target)
     lib_path = tmp_path / "model_any_batch.so"
+    ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
+    assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), report["strategy"]
+    g = signed_bottleneck()                       # int8 activations: as they are for sdot, + 128 for neon
+    x = random_input(g, 3, seed=9)
+    ex, report = compile_fast(g, None, target)
+    assert set(report["lowerings"].values()) == {"packed"}, report
+    lib_path = tmp_path / "signed_any_batch.so"
     ex.export_library(str(lib_path), fcompile=tvm.support.cc.cross_compiler("aarch64-linux-gnu-g++"))
     assert np.array_equal(run_on_board(arm_board, lib_path, x), G.run(g, x)), report["strategy"]
 

@@ -211,6 +211,6 @@ def test_a_linear_bottleneck_deploys_bit_exact_with_signed_activations(tmp_path,
     assert sorted(op["kind"] for op in signed_ops) == ["add", "add", "conv2d"], signed_ops
     assert all(tensors[op["output"]]["dtype"] == "int8" for op in signed_ops)
     compiled = ok(mixq("compile", frozen, "--out", build))
-    assert "signed (int8) output" in compiled                 # those take the default lowering
+    assert "fast path: used" in compiled and "default lowering" not in compiled, compiled    # signed ops too
     out = ok(mixq("deploy", build, "--no-progress"))
     assert "bit-exact vs golden interpreter: yes (360 images)" in out, out
