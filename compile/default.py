@@ -175,8 +175,10 @@ def lower_concat(ctx, op: G.Op, inputs):
 
     def concat(*args):
         xs, req = args[:k], args[k:]
-        parts = [te.compute(x.shape, lambda *i, x=x, j=j: _clip_out(_rq(x(*i).astype("int64"), *req[3 * j:3 * j + 3], i[1]),
-                                                                 op.attrs), name=f"requant{j}")
-                 for j, x in enumerate(xs)]
-        return topi.concatenate(parts, axis=1)
+
+        def part(j):
+            x, (m, r, s) = xs[j], req[3 * j:3 * j + 3]
+            return te.compute(x.shape, lambda *i: _clip_out(_rq(x(*i).astype("int64"), m, r, s, i[1]), op.attrs),
+                              name=f"requant{j}")
+        return topi.concatenate([part(j) for j in range(k)], axis=1)
     return ctx.emit_kernel(concat, *inputs, *consts, name=op.name)
