@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from mixq import fsio, graph as G
 from mixq.errors import MixqError
-from mixq.train import quant
+from mixq.train import quant, surgery
 from mixq.train.checkpoint import load_checkpoint, restore_model, training_facts
 from mixq.train.errors import TrainError
 from mixq.train.surgery import Tracer
@@ -149,8 +149,8 @@ class _Batch:
 
 
 def _where(node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return f" in '{list(stack.values())[-1][0]}'" if stack else ""
+    path = surgery.owner(node)
+    return f" in '{path}'" if path else ""
 
 
 def _refusal(node, modules) -> str | None:

@@ -43,6 +43,12 @@ class Tracer(torch.fx.Tracer):
         return isinstance(m, self.LEAVES) or hasattr(m, "integer_weight") or super().is_leaf_module(m, qualname)
 
 
+def owner(node) -> str:
+    """The path of the module whose forward made the traced call `node` ('' for the root)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
 def unquantized_activations(model: nn.Module) -> list[str]:
     """"'path' (what)" for every activation of `model` that is not an ActQuant: activation modules
     (torch.nn.modules.activation) and, when torch.fx can trace the model, activation functions
@@ -60,9 +66,7 @@ def unquantized_activations(model: nn.Module) -> list[str]:
             what = f"Tensor.{node.target}"
         else:
             continue
-        stack = node.meta.get("nn_module_stack") or {}
-        where = list(stack.values())[-1][0] if stack else ""
-        found.append(f"'{where}' ({what})")
+        found.append(f"'{owner(node)}' ({what})")
     return found
 
 
@@ -321,10 +325,9 @@ def _signed_place(node, modules, net) -> str | None:
             return None
         return node.target if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) else None
     if node.op == "call_function" and getattr(node.target, "__name__", "") in ("add", "iadd"):
-        stack = node.meta.get("nn_module_stack") or {}
-        owner = list(stack.values())[-1][0] if stack else ""
-        if owner and _returns(net.get_submodule(owner), "add"):
-            return owner
+        path = owner(node)
+        if path and _returns(net.get_submodule(path), "add"):
+            return path
     return None
 
 
