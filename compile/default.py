@@ -163,3 +163,22 @@ def lower_maxpool(ctx, op: G.Op, inputs):
 def lower_flatten(ctx, op: G.Op, inputs):
     features = int(np.prod(ctx.tensor(op.inputs[0]).shape))
     return ctx.bb.emit(relax.op.reshape(inputs[0], (ctx.batch, features)))
+
+
+@register("concat", "default")
+def lower_concat(ctx, op: G.Op, inputs):
+    """Each input requantized and clipped (graph.np_concat), then joined along the channels."""
+    consts, k = [], len(inputs)
+    for i in range(k):
+        consts += requant_constants(op.arrays[f"multiplier{i}"], op.arrays[f"shift{i}"],
+                                    ctx.tensor(op.inputs[i]).shape[0])
+
+    def concat(*args):
+        xs, req = args[:k], args[k:]
+
+        def part(j):
+            x, (m, r, s) = xs[j], req[3 * j:3 * j + 3]
+            return te.compute(x.shape, lambda *i: _clip_out(_rq(x(*i).astype("int64"), m, r, s, i[1]), op.attrs),
+                              name=f"requant{j}")
+        return topi.concatenate([part(j) for j in range(k)], axis=1)
+    return ctx.emit_kernel(concat, *inputs, *consts, name=op.name)

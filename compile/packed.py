@@ -408,3 +408,8 @@ def lower_flatten(ctx, op: G.Op, inputs):
     v = PackedValue(src.dtype, feat, 1, 1, BLOCK, src.max_abs, src.offset)
     v.emit = lambda: ctx.call_kernel(kernel, [src.var], v.shape(ctx.kernel_batch), v.dtype, op.output)
     return _now(v)
+
+
+@register("concat", "packed", layout=PACKED)
+def lower_concat(ctx, op: G.Op, inputs):
+    raise Unsupported(f"layer '{op.name}': channel concatenation (default lowering)")

@@ -60,6 +60,14 @@ class Sum:
     shape: tuple
 
 
+@dataclass
+class Cat:
+    """A pending channel concatenation of quantized tensors; the quantizer after it (surgery
+    puts one there) gives the output scale: one `concat` op requantizes every part to it."""
+    parts: list
+    shape: tuple
+
+
 def freeze_model(model: nn.Module, model_name: str, input_shape: tuple, meta: dict | None = None) -> G.IntGraph:
     """A hardened QuantModel -> IntGraph (validated, overflow-proven). The model is read on
     the CPU in eval mode and handed back on its device and in its mode."""
@@ -129,7 +137,8 @@ def _check_finite(layer: str, what: str, *values, positive: bool = False):
 
 
 # What freeze has a rule for, besides the modules of _MODULES and quantized weight layers.
-_FUNCTIONS = {operator.add: "add", torch.add: "add", torch.flatten: "flatten", torch.reshape: "reshape"}
+_FUNCTIONS = {operator.add: "add", torch.add: "add", torch.flatten: "flatten", torch.reshape: "reshape",
+              torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat"}
 _METHODS = {"add": "add", "flatten": "flatten", "view": "reshape", "reshape": "reshape", "size": "size"}
 _MODULES = (quant.InputQuant, quant.ActQuant, quant.SignedQuant, nn.BatchNorm2d, nn.BatchNorm1d, nn.AdaptiveAvgPool2d, nn.AvgPool2d,
             nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -238,6 +247,9 @@ class _Builder:
         kind = _FUNCTIONS.get(node.target) if node.op == "call_function" else _METHODS.get(node.target)
         if kind == "add":
             return self._add(node.name, arg(0), arg(1))
+        if kind == "cat":
+            dim = node.kwargs.get("dim", node.kwargs.get("axis", node.args[1] if len(node.args) > 1 else 0))
+            return self._cat(node.name, [env[n.name] for n in node.args[0]], dim)
         if kind == "flatten":
             return self._flatten(node.name, arg(0))
         if kind == "size":
@@ -267,6 +279,9 @@ class _Builder:
         return x                                            # nn.Identity, nn.Dropout (see _refusal)
 
     def _need_quant(self, name, x):
+        if isinstance(x, Cat):
+            raise FreezeError(f"layer '{name}': its input is a concatenation with no activation after it (mixq "
+                              "quantizes concatenations of ReLU outputs, which it follows with a ReLU)")
         if not isinstance(x, Quant):
             raise FreezeError(f"layer '{name}': input is not a quantized tensor (missing activation quantizer before it)")
         return x
@@ -334,6 +349,12 @@ class _Builder:
             out = self._emit(x.layer, x.kind, [x.input.name], x.shape, dtype, bits, out_scale,
                              {**x.attrs, **out_attrs}, arrays)
             return Quant(out.name, out_scale, x.shape)
+        if isinstance(x, Cat):
+            arrays = {}
+            for i, p in enumerate(x.parts):
+                arrays[f"multiplier{i}"], arrays[f"shift{i}"] = G.quantize_multiplier(np.array([p.scale / out_scale]), name)
+            out = self._emit(name, "concat", [p.name for p in x.parts], x.shape, dtype, bits, out_scale, out_attrs, arrays)
+            return Quant(out.name, out_scale, x.shape)
         branches = x.branches if isinstance(x, Sum) else [x]
         inputs, arrays = [], {}
         for i, br in enumerate(branches):
@@ -347,6 +368,18 @@ class _Builder:
             arrays[f"multiplier{i}"], arrays[f"shift{i}"] = G.quantize_multiplier(real, name)
         out = self._emit(name, "add", inputs, x.shape, dtype, bits, out_scale, out_attrs, arrays)
         return Quant(out.name, out_scale, x.shape)
+
+    def _cat(self, name, parts, dim):
+        if dim not in (1, -3) or not parts or any(len(p.shape) != 3 for p in parts if isinstance(p, Quant)):
+            raise FreezeError(f"operation '{name}': only a concatenation of feature maps along channels (dim 1) "
+                              "is supported")
+        for p in parts:
+            if not isinstance(p, Quant):
+                raise FreezeError(f"operation '{name}': concatenates a value that is not a quantized tensor "
+                                  "(an activation quantizer is missing before it)")
+            if p.shape[1:] != parts[0].shape[1:]:
+                raise FreezeError(f"operation '{name}': feature maps of different sizes {p.shape} and {parts[0].shape}")
+        return Cat(parts, (sum(p.shape[0] for p in parts),) + tuple(parts[0].shape[1:]))
 
     def _add(self, name, a, b):
         branches = []

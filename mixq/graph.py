@@ -16,6 +16,7 @@ shapes below omit the batch dimension.
     avgpool y = clip(rq(window_sum, M, s), 0, 2^bits - 1)
     maxpool integer max over zero-padded windows (for uint8 inputs the same as -inf padding)
     flatten NCHW -> N(C*H*W), row-major
+    concat  channel concatenation of requantized inputs: y = [clip(rq(x_i, M_i, s_i))]_i along C
 
 with rq(x, M, s) = (x * M + 2^(s-1)) >> s evaluated in int64 (arithmetic shift = floor).
 `validate` checks a graph's structure, shapes and value ranges and re-runs the static int32
@@ -224,6 +225,12 @@ def np_flatten(op, x):
     return x.reshape(x.shape[0], -1)
 
 
+def np_concat(op, *xs):
+    """Each input requantized to the output scale on its own, clipped, then concatenated (axis 1)."""
+    return np.concatenate([clip_out(rq(x, op.arrays[f"multiplier{i}"], op.arrays[f"shift{i}"]), op.attrs)
+                           for i, x in enumerate(xs)], axis=1)
+
+
 _NUMPY_OPS = {
     "conv2d": np_conv2d,
     "linear": np_linear,
@@ -231,6 +238,7 @@ _NUMPY_OPS = {
     "avgpool": np_avgpool,
     "maxpool": np_maxpool,
     "flatten": np_flatten,
+    "concat": np_concat,
 }
 OP_KINDS = tuple(_NUMPY_OPS)
 
@@ -512,6 +520,14 @@ def _infer_shape(op: Op, ins: list, out: TensorInfo) -> tuple:
     if op.kind == "flatten":
         _expect(out.dtype == ins[0].dtype, op, "output dtype must equal the input's")
         return (int(np.prod(x)),)
+    if op.kind == "concat":
+        _expect(len(ins) >= 1, op, "needs at least one input")
+        for i, t in enumerate(ins):
+            _expect(t.dtype in ("int8", "uint8"), op, f"input '{t.name}' must be int8 or uint8, is {t.dtype}")
+            _expect(len(t.shape) == len(x) and t.shape[1:] == x[1:], op, f"input shapes differ beyond channels: {t.shape} vs {x}")
+            _check_requant(op, f"multiplier{i}", f"shift{i}", t.shape[0])
+        _check_out_bits(op, out)
+        return (sum(t.shape[0] for t in ins),) + tuple(x[1:])
     raise GraphError(f"op '{op.name}': unknown kind '{op.kind}' (known: {', '.join(OP_KINDS)})")
 
 
@@ -596,6 +612,8 @@ def value_bounds(graph: IntGraph) -> dict:
             acc = xs[0] * op.attrs["kernel"] ** 2
             acc_bounds[op.name] = acc
             out = (1 << op.attrs["out_bits"]) - 1
+        elif op.kind == "concat":
+            out = out_range(op.attrs)[1]            # each input is 8-bit: rq's product fits int64
         else:
             out = xs[0]
         bound[op.output] = out

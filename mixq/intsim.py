@@ -71,8 +71,13 @@ def t_flatten(op, arrays, x):
     return x.reshape(x.shape[0], -1)
 
 
+def t_concat(op, arrays, *xs):
+    return torch.cat([_clip_out(rq(x, arrays[f"multiplier{i}"], arrays[f"shift{i}"]), op.attrs)
+                      for i, x in enumerate(xs)], 1)
+
+
 TORCH_OPS = {"conv2d": t_conv2d, "linear": t_linear, "add": t_add, "avgpool": t_avgpool,
-             "maxpool": t_maxpool, "flatten": t_flatten}
+             "maxpool": t_maxpool, "flatten": t_flatten, "concat": t_concat}
 assert set(TORCH_OPS) == set(G.OP_KINDS)
 
 

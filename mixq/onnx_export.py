@@ -184,6 +184,17 @@ class _Exporter:
         scale, _ = self.scale_zero(out)
         self.quantize(self.node("Mul", [total, scale], f"{op.output}_real"), op.output, op.attrs["out_bits"])
 
+    def concat(self, op: G.Op):
+        """Each input rounded to the output grid (half up, as rq rounds), then joined."""
+        out = self.g.tensors[op.output]
+        inv = self.init(f"{op.output}_inv_scale", np.float32(1.0 / out.scale))
+        steps = [self.node("Floor", [self.node("Add", [self.node("Mul", [self.dq(name), inv], f"{op.output}_in{i}"),
+                                                       self.half()], f"{op.output}_in{i}_half")], f"{op.output}_in{i}_steps")
+                 for i, name in enumerate(op.inputs)]
+        joined = self.node("Concat", steps, f"{op.output}_steps", axis=1)
+        scale, _ = self.scale_zero(out)
+        self.quantize(self.node("Mul", [joined, scale], f"{op.output}_real"), op.output, op.attrs["out_bits"])
+
     def half(self) -> str:
         if "half" not in self.made:
             self.init("half", np.float32(0.5))
@@ -223,7 +234,7 @@ class _Exporter:
         s, z = self.scale_zero(t)
         self.qname[t.name] = self.node("QuantizeLinear", [clipped, s, z], f"{t.name}_q")
         table = {"conv2d": self.weight_layer, "linear": self.weight_layer, "add": self.add,
-                 "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten}
+                 "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten, "concat": self.concat}
         for op in g.ops:
             table[op.kind](op)
         final = self.fname[g.output] if g.output in self.fname else self.dq(g.output)

@@ -144,6 +144,24 @@ class _Builder:
         shortcut = self.conv(x, c, 1, 1, 0, raw=True)
         return self.add([shortcut, b] if self.rng.random() < 0.5 else [b, shortcut])
 
+    def concat(self, x: G.TensorInfo, rng):
+        """An Inception-like block: x itself, a 1x1 and a 3x3 conv of it, joined along channels
+        (each part requantized to one output scale; signed output now and then), drawn from `rng`."""
+        main, self.rng = self.rng, rng
+        try:
+            parts = [x, self.conv(x, int(rng.choice([2, 4])), 1, 1, 0), self.conv(x, 4, 3, 1, 1)]
+            signed = bool(rng.random() < 0.3)
+            out_bits = int(rng.integers(2, 9))
+            arrays = {}
+            for i, p in enumerate(parts):
+                m, s = G.quantize_multiplier(np.array([rng.uniform(0.2, 1.5)]))
+                arrays[f"multiplier{i}"], arrays[f"shift{i}"] = m, s
+            attrs = {"out_bits": out_bits, **({"out_signed": True} if signed else {})}
+            shape = (sum(p.shape[0] for p in parts),) + tuple(x.shape[1:])
+            return self.emit("concat", parts, shape, "int8" if signed else "uint8", out_bits, attrs, arrays)
+        finally:
+            self.rng = main
+
     def pool(self, x: G.TensorInfo, kind: str):
         h = min(x.shape[1], x.shape[2])
         k = int(self.rng.integers(1, min(h, 3) + 1))
@@ -178,6 +196,9 @@ def random_graph(seed: int) -> G.IntGraph:
     if ch % 2 == 0 and rng.random() < 0.5:             # grouped conv (depthwise when groups == ch)
         groups = int(rng.choice([2, ch]))
         x = b.conv(x, ch, 3, 1, 1, groups=groups)
+    cat_rng = np.random.default_rng(seed + 7919)      # its own stream: graphs without one are unchanged
+    if cat_rng.random() < 0.4:
+        x = b.concat(x, cat_rng)
     x = b.pool(x, str(rng.choice(["maxpool", "avgpool"])))
     if rng.random() < 0.2:                             # a raw int32 feature map as the output
         out = b.conv(x, 3, 1, 1, 0, raw=True)

@@ -222,6 +222,25 @@ def test_a_signed_add_sums_signed_branches_into_int8():
     assert (got < 0).any() and (got > 0).any()
 
 
+@pytest.mark.parametrize("signed", [False, True])
+def test_concat_requantizes_each_part_then_joins_channels(signed):
+    rng = np.random.default_rng(9)
+    a = rng.integers(0, 256, size=(2, 3, 4, 5)).astype(np.uint8)
+    b = rng.integers(-127, 128, size=(2, 2, 4, 5)).astype(np.int8)
+    (ma, sa), (mb, sb) = G.quantize_multiplier(np.array([0.7])), G.quantize_multiplier(np.array([1.3]))
+    attrs = {"out_bits": 6, **({"out_signed": True} if signed else {})}
+    op = G.Op("cat", "concat", ["a", "b"], "y", attrs, {"multiplier0": ma, "shift0": sa, "multiplier1": mb, "shift1": sb})
+    got = golden_and_sim(op, a, b)
+    lo, hi = (-31, 31) if signed else (0, 63)
+    want = np.empty((2, 5, 4, 5), dtype=np.int64)
+    for idx in np.ndindex(want.shape):
+        n, c, i, j = idx
+        v = ref_rq(int(a[n, c, i, j]), int(ma[0]), int(sa[0])) if c < 3 else ref_rq(int(b[n, c - 3, i, j]), int(mb[0]), int(sb[0]))
+        want[idx] = min(max(v, lo), hi)
+    assert got.dtype == (np.int8 if signed else np.uint8) and np.array_equal(got.astype(np.int64), want)
+    assert (got == hi).any() and (got == lo).any()
+
+
 @pytest.mark.parametrize("dtype,requant", [("int8", True), ("uint8", False)])
 def test_linear_matches_loops(dtype, requant):
     rng = np.random.default_rng(7)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +88,25 @@ def bottleneck_net(num_classes):
         Bottleneck(16, 16, 4, 1), Bottleneck(16, 16, 4, 1), Bottleneck(16, 24, 2, 2),
         nn.Conv2d(24, 64, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU6(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
+
+
+class Fire(nn.Module):
+    """SqueezeNet's fire module: a 1x1 squeeze, then 1x1 and 3x3 expands joined by torch.cat."""
+
+    def __init__(self, c_in, squeeze, expand):
+        super().__init__()
+        self.squeeze = nn.Sequential(nn.Conv2d(c_in, squeeze, 1), nn.ReLU())
+        self.e1 = nn.Sequential(nn.Conv2d(squeeze, expand, 1), nn.ReLU())
+        self.e3 = nn.Sequential(nn.Conv2d(squeeze, expand, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        x = self.squeeze(x)
+        return torch.cat([self.e1(x), self.e3(x)], 1)
+
+
+def squeeze_net(num_classes):
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), Fire(16, 8, 16), Fire(32, 8, 16),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, num_classes))
 
 
 def not_a_module(num_classes):
@@ -212,5 +232,29 @@ def test_a_linear_bottleneck_deploys_bit_exact_with_signed_activations(tmp_path,
     assert all(tensors[op["output"]]["dtype"] == "int8" for op in signed_ops)
     compiled = ok(mixq("compile", frozen, "--out", build))
     assert "fast path: used" in compiled and "default lowering" not in compiled, compiled    # signed ops too
+    out = ok(mixq("deploy", build, "--no-progress"))
+    assert "bit-exact vs golden interpreter: yes (360 images)" in out, out
+
+
+def test_a_concatenation_of_relu_outputs_deploys_bit_exact(tmp_path, mixq):
+    """SqueezeNet's fire modules: torch.cat of two ReLU branches gets a ReLU after it (its
+    ActQuant sets the one output scale), freeze emits a concat op; ONNX export agrees."""
+    from mixq import data, graph as G, onnx_export
+    from mixq.train.surgery import one_module_per_activation
+    ns = {}
+    exec(NET, ns)
+    net = one_module_per_activation(ns["squeeze_net"](10))
+    assert sorted(n for n, m in net.named_modules() if n.endswith("cat_relu")) == ["2.cat_relu", "3.cat_relu"]
+    (tmp_path / "mynet.py").write_text(NET)
+    run, frozen, build = tmp_path / "run", tmp_path / "frozen", tmp_path / "build"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok(mixq("train", "--model", str(tmp_path / "mynet.py") + ":squeeze_net", "--epochs", "6", "--out", run, env=env))
+    ok(mixq("freeze", run / "checkpoint.pt", "--out", frozen))
+    g = G.load(frozen)
+    assert [o.kind for o in g.ops].count("concat") == 2
+    x = data.test_arrays(data.load("digits"))[0][:100]
+    from test_onnx import golden_real_logits, ort_logits
+    assert np.abs(ort_logits(onnx_export.export(g, False), x) - golden_real_logits(g, x)).max() < 1e-3
+    ok(mixq("compile", frozen, "--out", build))
     out = ok(mixq("deploy", build, "--no-progress"))
     assert "bit-exact vs golden interpreter: yes (360 images)" in out, out

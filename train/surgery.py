@@ -171,6 +171,42 @@ def one_module_per_activation(net: nn.Module) -> nn.Module:
     return net if builtin else _rewrite_own_forward(net)
 
 
+def _free_target(gm: nn.Module, stem: str) -> str:
+    target, k = stem, 0
+    while hasattr(gm, target):
+        k += 1
+        target = f"{stem}_{k}"
+    return target
+
+
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _is_cat(node) -> bool:
+    return node.op == "call_function" and node.target in _CATS
+
+
+def _ends_in_relu(m: nn.Module) -> bool:
+    """A module whose output passed a ReLU-like activation (directly, or as a Sequential's last)."""
+    if isinstance(m, nn.Sequential) and len(m):
+        return _ends_in_relu(m[-1])
+    return quant.relu_clip(m)[0]
+
+
+def _needs_relu_after_cat(gm, node) -> bool:
+    """A channel concatenation of ReLU outputs (an Inception / SqueezeNet block) gets an nn.ReLU
+    after it, which computes nothing on them but becomes the ActQuant that sets the concat's
+    one output scale (freeze requantizes every part to it). Not when a ReLU-like call follows
+    it already, nor when a part may be negative (a signed concatenation: freeze refuses it)."""
+    parts = node.args[0] if node.args else node.kwargs.get("tensors", ())
+    if not parts or not all(isinstance(p, torch.fx.Node) and p.op == "call_module" and
+                            _ends_in_relu(gm.get_submodule(p.target)) for p in parts):
+        return False
+    users = list(node.users)
+    return not (users and all(u.op == "call_module" and _ends_in_relu(gm.get_submodule(u.target)) or
+                              _call_name(u) in ("relu", "relu_", "relu6") for u in users))
+
+
 class _OwnForward(torch.fx.Tracer):
     """Traces one module's forward, every child a leaf."""
 
@@ -192,6 +228,16 @@ def _rewrite_own_forward(module: nn.Module) -> nn.Module:
                 seen.add(node.target)
                 continue
             new, stem = copy.deepcopy(gm.get_submodule(node.target)), node.target.replace(".", "_")
+        elif _is_cat(node):
+            if not _needs_relu_after_cat(gm, node):
+                continue
+            target = _free_target(gm, "cat_relu")
+            gm.add_submodule(target, nn.ReLU())
+            with gm.graph.inserting_after(node):
+                relu = gm.graph.call_module(target, (node,))
+            node.replace_all_uses_with(relu, delete_user_cb=lambda user: user is not relu)
+            changed = True
+            continue
         else:
             name = _call_name(node)
             if name is None:
@@ -205,10 +251,7 @@ def _rewrite_own_forward(module: nn.Module) -> nn.Module:
             if new is None:
                 continue
             node.args, node.kwargs = (bound.arguments["input"],), {}
-        target, k = stem, 0
-        while hasattr(gm, target):
-            k += 1
-            target = f"{stem}_{k}"
+        target = _free_target(gm, stem)
         gm.add_submodule(target, new)
         node.op, node.target = "call_module", target
         changed = True
