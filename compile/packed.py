@@ -20,6 +20,7 @@ and so is every tensor that passes between a packed op and one another strategy 
   x86-avx2 or arm-neon, the default lowering takes it).
 - add / avgpool / maxpool / flatten: AddKernel, PoolKernel, FlattenKernel (a flatten of a
   1x1 map is free).
+- concat and lut (a table lookup) decline: the default lowering takes them.
 Every int32 intermediate is bounded statically here (`_accumulator_bound`); an op outside what
 the kernels handle exactly raises Unsupported with the reason (and takes the default lowering).
 """
@@ -396,3 +397,8 @@ def lower_flatten(ctx, op: G.Op, inputs):
 @register("concat", "packed", layout=PACKED)
 def lower_concat(ctx, op: G.Op, inputs):
     raise Unsupported(f"layer '{op.name}': channel concatenation (default lowering)")
+
+
+@register("lut", "packed", layout=PACKED)
+def lower_lut(ctx, op: G.Op, inputs):
+    raise Unsupported(f"layer '{op.name}': table lookup (default lowering)")
