@@ -12,6 +12,8 @@ those of the golden interpreter (`mixq.graph`, docs/integer-contract.md):
     avgpool           zero-padded int32 window sum, rq, clip
     maxpool           max over zero-padded windows (zero, not -inf: the contract's padding)
     flatten           reshape NCHW -> N(CHW)
+    concat            each input requantized and clipped, joined along the channels
+    lut               y = table[x + offset], the table a constant (graph.np_lut)
 
 Weights, biases and multipliers are NumPy arrays baked into the library as constants (sub-byte
 weights arrive unpacked from `graph.load`, so the wrong-results `int4` dtype never appears).
@@ -182,3 +184,14 @@ def lower_concat(ctx, op: G.Op, inputs):
                               name=f"requant{j}")
         return topi.concatenate([part(j) for j in range(k)], axis=1)
     return ctx.emit_kernel(concat, *inputs, *consts, name=op.name)
+
+
+@register("lut", "default")
+def lower_lut(ctx, op: G.Op, inputs):
+    """graph.np_lut: one gather from the constant table, indexed by the input plus -lo."""
+    table = op.arrays["table"]
+    offset = G.lut_offset(ctx.tensor(op.inputs[0]).dtype, len(table))
+
+    def lut(x, t):
+        return te.compute(x.shape, lambda *i: t[x(*i).astype("int32") + offset], name="lut")
+    return ctx.emit_kernel(lut, inputs[0], relax.const(table, str(table.dtype)), name=op.name)

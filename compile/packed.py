@@ -20,6 +20,7 @@ and so is every tensor that passes between a packed op and one another strategy 
   x86-avx2 or arm-neon, the default lowering takes it).
 - add / avgpool / maxpool / flatten: AddKernel, PoolKernel, FlattenKernel (a flatten of a
   1x1 map is free).
+- concat and lut (a table lookup) decline: the default lowering takes them.
 A signed output (out_signed: a linear bottleneck's projection conv or residual sum) is clipped
 symmetrically and stored as the signed network input is (`_activation`: x86 x + 128 in uint8,
 sdot as it is in int8); the PackedValue carries that offset, which every consumer takes.
@@ -413,3 +414,8 @@ def lower_flatten(ctx, op: G.Op, inputs):
 @register("concat", "packed", layout=PACKED)
 def lower_concat(ctx, op: G.Op, inputs):
     raise Unsupported(f"layer '{op.name}': channel concatenation (default lowering)")
+
+
+@register("lut", "packed", layout=PACKED)
+def lower_lut(ctx, op: G.Op, inputs):
+    raise Unsupported(f"layer '{op.name}': table lookup (default lowering)")

@@ -1,17 +1,21 @@
 """`mixq freeze`: checkpoint -> integer-only graph (docs/integer-contract.md).
 
 The trained model is traced with torch.fx (quantizers, conv/linear, BN and pools as leaves)
-and walked once with three kinds of values:
+and walked once with these kinds of values:
 
     Quant   a materialized integer tensor (graph input, activation): name, real scale
     Acc     a pending linear op (conv/linear/avgpool) whose float affine epilogue is still
             being folded: per-channel real scale and real bias (BN folds into both)
     Sum     a pending residual add of Acc/Quant branches
+    Cat     a pending channel concatenation of Quant values
+    Table   a pending elementwise activation (Hardswish, GELU, sigmoid...) of a Quant value
 
-An ActQuant (ReLU + uniform quantizer) materializes what it receives: an Acc becomes one
-op with a per-channel fixed-point requantization, a Sum becomes raw int32 branches plus an
-`add` op that requantizes each branch to the output scale. The graph output (last linear)
-stays int32. The learned integer weights are never touched: BN goes to bias/multiplier."""
+An ActQuant (ReLU + uniform quantizer) or SignedQuant materializes what it receives: an Acc
+becomes one op with a per-channel fixed-point requantization, a Sum becomes raw int32 branches
+plus an `add` op that requantizes each branch to the output scale, a Cat a `concat` op, a Table
+a `lut` op whose table is the activation of every input value, quantized to the output scale.
+The graph output (last linear) stays int32. The learned integer weights are never touched: BN
+goes to bias/multiplier."""
 from __future__ import annotations
 
 import operator
@@ -65,6 +69,17 @@ class Cat:
     """A pending channel concatenation of quantized tensors; the quantizer after it (surgery
     puts one there) gives the output scale: one `concat` op requantizes every part to it."""
     parts: list
+    shape: tuple
+
+
+@dataclass
+class Table:
+    """A pending elementwise activation module `fn` of a quantized tensor; the quantizer after it
+    (swap_layers puts one there) gives the output scale: one `lut` op, the table fn's values on
+    the input's integer grid, quantized as that quantizer does."""
+    layer: str
+    fn: nn.Module
+    input: Quant
     shape: tuple
 
 
@@ -136,7 +151,7 @@ def _check_finite(layer: str, what: str, *values, positive: bool = False):
                           "(diverged or damaged weights?)")
 
 
-# What freeze has a rule for, besides the modules of _MODULES and quantized weight layers.
+# What freeze has a rule for, besides the modules of _MODULES, quantized weight layers and table activations.
 _FUNCTIONS = {operator.add: "add", torch.add: "add", torch.flatten: "flatten", torch.reshape: "reshape",
               torch.cat: "cat", torch.concat: "cat", torch.concatenate: "cat"}
 _METHODS = {"add": "add", "flatten": "flatten", "view": "reshape", "reshape": "reshape", "size": "size"}
@@ -160,7 +175,7 @@ def _refusal(node, modules) -> str | None:
         return None
     if node.op == "call_module":
         m = modules[node.target]
-        if isinstance(m, _MODULES) or hasattr(m, "integer_weight"):
+        if isinstance(m, _MODULES) or hasattr(m, "integer_weight") or quant.table_activation(m):
             return None
         if isinstance(m, (nn.Conv2d, nn.Linear)):
             return f"layer '{node.target}' ({type(m).__name__}) has float weights: it was not quantized"
@@ -276,9 +291,15 @@ class _Builder:
             return self._maxpool(name, m, x)
         if isinstance(m, nn.Flatten):
             return self._flatten(name, x)
+        if quant.table_activation(m):
+            x = self._need_quant(name, x)
+            return Table(name, m, x, x.shape)
         return x                                            # nn.Identity, nn.Dropout (see _refusal)
 
     def _need_quant(self, name, x):
+        if isinstance(x, Table):
+            raise FreezeError(f"layer '{name}': its input is activation '{x.layer}' ({type(x.fn).__name__}) with no "
+                              "quantizer after it (mixq puts one after each such activation)")
         if isinstance(x, Cat):
             raise FreezeError(f"layer '{name}': its input is a concatenation with no activation after it (mixq "
                               "quantizes concatenations of ReLU outputs, which it follows with a ReLU)")
@@ -349,6 +370,11 @@ class _Builder:
             out = self._emit(x.layer, x.kind, [x.input.name], x.shape, dtype, bits, out_scale,
                              {**x.attrs, **out_attrs}, arrays)
             return Quant(out.name, out_scale, x.shape)
+        if isinstance(x, Table):
+            table = self._table(x, out_scale, -m.levels if signed else 0, m.levels).astype(dtype)
+            out = self._emit(x.layer, "lut", [x.input.name], x.shape, dtype, bits, out_scale,
+                             {**out_attrs, "function": repr(x.fn)}, {"table": table})
+            return Quant(out.name, out_scale, x.shape)
         if isinstance(x, Cat):
             arrays = {}
             for i, p in enumerate(x.parts):
@@ -369,6 +395,17 @@ class _Builder:
         out = self._emit(name, "add", inputs, x.shape, dtype, bits, out_scale, out_attrs, arrays)
         return Quant(out.name, out_scale, x.shape)
 
+    def _table(self, x: Table, out_scale: float, lo: int, hi: int) -> np.ndarray:
+        """fn at every value of the input's integer range, q * s_in, in float64 (fn is the very
+        module the model was trained with, so its arguments come along: LeakyReLU's slope, GELU's
+        approximation), divided by the output scale, rounded half to even as the quantizer's
+        torch.round does, clipped to its levels."""
+        q_lo, q_hi = G.value_range(self.tensors[x.input.name])
+        with torch.no_grad():
+            real = x.fn(torch.arange(q_lo, q_hi + 1, dtype=torch.float64) * x.input.scale).numpy()
+        _check_finite(x.layer, f"{type(x.fn).__name__} of the input grid", real)
+        return np.clip(np.rint(real / out_scale), lo, hi)
+
     def _cat(self, name, parts, dim):
         if dim not in (1, -3) or not parts or any(len(p.shape) != 3 for p in parts if isinstance(p, Quant)):
             raise FreezeError(f"operation '{name}': only a concatenation of feature maps along channels (dim 1) "
@@ -388,6 +425,8 @@ class _Builder:
                 branches += v.branches
             elif isinstance(v, (Acc, Quant)):
                 branches.append(v)
+            elif isinstance(v, Table):
+                self._need_quant(name, v)
             else:
                 raise FreezeError(f"operation '{name}': cannot add {type(v).__name__}")
         if any(isinstance(v, Acc) and v.kind == "avgpool" for v in branches):

@@ -17,6 +17,7 @@ shapes below omit the batch dimension.
     maxpool integer max over zero-padded windows (for uint8 inputs the same as -inf padding)
     flatten NCHW -> N(C*H*W), row-major
     concat  channel concatenation of requantized inputs: y = [clip(rq(x_i, M_i, s_i))]_i along C
+    lut     elementwise table lookup of an 8-bit input: y = table[x - lo] (Hardswish, GELU, sigmoid...)
 
 with rq(x, M, s) = (x * M + 2^(s-1)) >> s evaluated in int64 (arithmetic shift = floor).
 `validate` checks a graph's structure, shapes and value ranges and re-runs the static int32
@@ -139,6 +140,22 @@ def out_range(attrs: dict) -> tuple[int, int, str]:
     return 0, (1 << bits) - 1, "uint8"
 
 
+def value_range(t: TensorInfo) -> tuple[int, int]:
+    """(lo, hi) of an int8 or uint8 tensor: [-(2^(bits-1) - 1), 2^(bits-1) - 1] (symmetric: -128
+    never occurs) or [0, 2^bits - 1]."""
+    if t.dtype == "int8":
+        return -((1 << (t.bits - 1)) - 1), (1 << (t.bits - 1)) - 1
+    if t.dtype == "uint8":
+        return 0, (1 << t.bits) - 1
+    raise GraphError(f"tensor '{t.name}': {t.dtype} has no 8-bit value range")
+
+
+def lut_offset(input_dtype, table_size: int) -> int:
+    """-lo of a lut op's input: its index is x + offset. A uint8 input starts at 0; an int8 input
+    is symmetric, so its 2^bits - 1 values are centred on the table's middle entry."""
+    return (table_size - 1) // 2 if np.dtype(input_dtype) == np.int8 else 0
+
+
 def clip_out(y: np.ndarray, attrs: dict) -> np.ndarray:
     lo, hi, dtype = out_range(attrs)
     return np.clip(y, lo, hi).astype(dtype)
@@ -231,6 +248,12 @@ def np_concat(op, *xs):
                            for i, x in enumerate(xs)], axis=1)
 
 
+def np_lut(op, x):
+    """y = table[x - lo], lo the input range's low end (graph.lut_offset)."""
+    table = op.arrays["table"]
+    return table[x.astype(np.int64) + lut_offset(x.dtype, len(table))]
+
+
 _NUMPY_OPS = {
     "conv2d": np_conv2d,
     "linear": np_linear,
@@ -239,6 +262,7 @@ _NUMPY_OPS = {
     "maxpool": np_maxpool,
     "flatten": np_flatten,
     "concat": np_concat,
+    "lut": np_lut,
 }
 OP_KINDS = tuple(_NUMPY_OPS)
 
@@ -466,7 +490,7 @@ def _check_out_bits(op: Op, out: TensorInfo, signed_ok: bool = True):
 def _infer_shape(op: Op, ins: list, out: TensorInfo) -> tuple:
     """Check one op against the contract; returns its output shape (without batch)."""
     a = op.attrs
-    if op.kind in ("conv2d", "linear", "avgpool", "maxpool", "flatten"):
+    if op.kind in ("conv2d", "linear", "avgpool", "maxpool", "flatten", "lut"):
         _expect(len(ins) == 1, op, f"takes one input, has {len(ins)}")
         _expect(ins[0].dtype in ("int8", "uint8"), op, f"input '{ins[0].name}' must be int8 or uint8, is {ins[0].dtype}")
     x = ins[0].shape if ins else ()
@@ -528,6 +552,15 @@ def _infer_shape(op: Op, ins: list, out: TensorInfo) -> tuple:
             _check_requant(op, f"multiplier{i}", f"shift{i}", t.shape[0])
         _check_out_bits(op, out)
         return (sum(t.shape[0] for t in ins),) + tuple(x[1:])
+    if op.kind == "lut":
+        _check_out_bits(op, out)
+        table, (lo, hi), (out_lo, out_hi, dtype) = op.arrays.get("table"), value_range(ins[0]), out_range(a)
+        _expect(table is not None and table.dtype == np.dtype(dtype) and table.shape == (hi - lo + 1,), op,
+                f"array 'table' must be {dtype} of shape ({hi - lo + 1},): one entry per value of the "
+                f"{ins[0].dtype} input of {ins[0].bits} bits, {lo}..{hi}")
+        _expect(bool(np.all((table >= out_lo) & (table <= out_hi))), op,
+                f"table entries must be in the output range {out_lo}..{out_hi}")
+        return x
     raise GraphError(f"op '{op.name}': unknown kind '{op.kind}' (known: {', '.join(OP_KINDS)})")
 
 
@@ -614,6 +647,8 @@ def value_bounds(graph: IntGraph) -> dict:
             out = (1 << op.attrs["out_bits"]) - 1
         elif op.kind == "concat":
             out = out_range(op.attrs)[1]            # each input is 8-bit: rq's product fits int64
+        elif op.kind == "lut":
+            out = out_range(op.attrs)[1]
         else:
             out = xs[0]
         bound[op.output] = out

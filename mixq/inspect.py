@@ -92,7 +92,8 @@ def format_table(g: G.IntGraph, rows: list, s: dict) -> str:
     out.append(f"weights: {s['params']:,} params in {s['weight_bytes']:,} bytes packed "
                f"({s['storage_bits_per_weight']:.2f} bits/weight; sum(params*bits)/8 = {s['ideal_weight_bytes']:,.0f}), "
                f"{s['weight_compression']:.2f}x smaller than float32")
-    out.append(f"model size: {s['bytes']:,} bytes (packed weights + int32 bias + requantization) vs "
+    tables = " + activation tables" if any(op.kind == "lut" for op in g.ops) else ""
+    out.append(f"model size: {s['bytes']:,} bytes (packed weights + int32 bias + requantization{tables}) vs "
                f"{s['float32_bytes']:,} bytes float32 (weights + bias): {s['compression']:.2f}x compression")
     avg = "-" if s["avg_bits"] is None else f"{s['avg_bits']:.2f}"
     out.append(f"budget measures: bits={avg} (mean precision), size={s['weight_kib']:.2f} KiB "

@@ -76,8 +76,14 @@ def t_concat(op, arrays, *xs):
                       for i, x in enumerate(xs)], 1)
 
 
+def t_lut(op, arrays, x):
+    table = arrays["table"]
+    y = table[x.to(torch.int64) + G.lut_offset(str(x.dtype).removeprefix("torch."), len(table))]
+    return y.to(getattr(torch, G.out_range(op.attrs)[2]))
+
+
 TORCH_OPS = {"conv2d": t_conv2d, "linear": t_linear, "add": t_add, "avgpool": t_avgpool,
-             "maxpool": t_maxpool, "flatten": t_flatten, "concat": t_concat}
+             "maxpool": t_maxpool, "flatten": t_flatten, "concat": t_concat, "lut": t_lut}
 assert set(TORCH_OPS) == set(G.OP_KINDS)
 
 

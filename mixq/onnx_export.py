@@ -11,6 +11,8 @@ DequantizeLinear and QuantizeLinear, as ONNX Runtime's own quantizer writes them
                      integer add rounds each branch; Add; * out_scale [-> Clip] -> QuantizeLinear
     avgpool       -> DQ . AveragePool(count_include_pad) [-> Clip] -> QuantizeLinear(uint8)
     maxpool       -> DQ . (zero Pad) . MaxPool -> QuantizeLinear;  flatten -> Flatten
+    concat        -> per input: real / out_scale rounded half up; Concat; * out_scale -> QuantizeLinear
+    lut           -> on the integers: Cast(int64) + offset . Gather(the table, int8|uint8): exact
     raw int32     -> stays float: the real value (acc + bias) * scale; logits are float32
 
 The weights are the learned integers. Batch norm lives in the per-channel weight/bias scales,
@@ -195,6 +197,15 @@ class _Exporter:
         scale, _ = self.scale_zero(out)
         self.quantize(self.node("Mul", [joined, scale], f"{op.output}_real"), op.output, op.attrs["out_bits"])
 
+    def lut(self, op: G.Op):
+        """The integer table itself, indexed by the integer input: bit for bit the contract's."""
+        table = op.arrays["table"]
+        offset = G.lut_offset(self.g.tensors[op.inputs[0]].dtype, len(table))
+        index = self.node("Cast", [self.qname[op.inputs[0]]], f"{op.output}_index", to=self.onnx.TensorProto.INT64)
+        if offset:
+            index = self.node("Add", [index, self.init(f"{op.output}_offset", np.int64(offset))], f"{op.output}_index_offset")
+        self.qname[op.output] = self.node("Gather", [self.init(f"{op.output}_table", table), index], f"{op.output}_q", axis=0)
+
     def half(self) -> str:
         if "half" not in self.made:
             self.init("half", np.float32(0.5))
@@ -234,7 +245,8 @@ class _Exporter:
         s, z = self.scale_zero(t)
         self.qname[t.name] = self.node("QuantizeLinear", [clipped, s, z], f"{t.name}_q")
         table = {"conv2d": self.weight_layer, "linear": self.weight_layer, "add": self.add,
-                 "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten, "concat": self.concat}
+                 "avgpool": self.avgpool, "maxpool": self.maxpool, "flatten": self.flatten, "concat": self.concat,
+                 "lut": self.lut}
         for op in g.ops:
             table[op.kind](op)
         final = self.fname[g.output] if g.output in self.fname else self.dq(g.output)

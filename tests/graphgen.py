@@ -4,12 +4,13 @@
 the contract: int8 (signed) or uint8 inputs of 1-8 bits, weights of 1-9 storage bits whose
 values use a random, non-contiguous set of bit positions (e.g. {3, 0}: 0, ±1, ±8, ±9),
 activations of 1-8 bits, per-channel or single multipliers (some negative) and shifts,
-grouped convs, strides and paddings, residual blocks (an add of a raw int32 conv branch and a
-uint8 or int8 branch, or of two raw branches), maxpool (also straight on a signed input, where the
-contract's zero padding differs from -inf padding), avgpool, flatten and linear. About one
-requantized conv, linear or add in SIGNED_SHARE has a signed output (out_signed, int8: a linear
-bottleneck's), drawn from a stream of its own, so a seed's graph has the same structure and
-draws as without signed outputs (only the values that depend on a tensor's range differ).
+grouped convs, strides and paddings, table lookups (`lut`, on the input or later), residual
+blocks (an add of a raw int32 conv branch and a uint8 or int8 branch, or of two raw branches),
+maxpool (also straight on a signed input, where the contract's zero padding differs from -inf
+padding), avgpool, flatten and linear. About one requantized conv, linear or add in SIGNED_SHARE
+has a signed output (out_signed, int8: a linear bottleneck's), drawn from a stream of its own, so
+a seed's graph has the same structure and draws as without signed outputs (only the values that
+depend on a tensor's range differ).
 Every graph passes `mixq.graph.validate` (so `value_bounds`' int32 overflow proof).
 """
 from __future__ import annotations
@@ -162,6 +163,18 @@ class _Builder:
         finally:
             self.rng = main
 
+    def lut(self, x: G.TensorInfo, rng):
+        """A table lookup of `x` (an arbitrary table: every entry random in the output range,
+        which is signed now and then), drawn from `rng`."""
+        lo, hi = G.value_range(x)
+        signed = bool(rng.random() < 0.5)
+        out_bits = int(rng.integers(2, 9)) if signed else int(rng.integers(1, 9))
+        out_hi = (1 << (out_bits - 1)) - 1 if signed else (1 << out_bits) - 1
+        dtype = "int8" if signed else "uint8"
+        table = rng.integers(-out_hi if signed else 0, out_hi + 1, size=hi - lo + 1).astype(dtype)
+        attrs = {"out_bits": out_bits, **({"out_signed": True} if signed else {})}
+        return self.emit("lut", [x], x.shape, dtype, out_bits, attrs, {"table": table})
+
     def pool(self, x: G.TensorInfo, kind: str):
         h = min(x.shape[1], x.shape[2])
         k = int(self.rng.integers(1, min(h, 3) + 1))
@@ -186,8 +199,12 @@ def random_graph(seed: int) -> G.IntGraph:
     shape = (int(rng.integers(1, 5)), int(rng.integers(6, 13)), int(rng.integers(6, 13)))
     x = b.tensor("input", shape, "int8" if signed else "uint8", in_bits, float(rng.uniform(0.01, 0.1)))
     inp = x
+    lut_rng = np.random.default_rng(seed + 104729)    # its own stream too: graphs without a lut are unchanged
+    lut_at = str(lut_rng.choice(["none", "input", "late"], p=[0.7, 0.15, 0.15]))
     if rng.random() < 0.3:
         x = b.pool(x, "maxpool")                       # on the raw (maybe signed) input
+    if lut_at == "input":
+        x = b.lut(x, lut_rng)                          # on the network input's values (int8 or uint8)
     ch = int(rng.choice([4, 6, 8]))
     k = int(rng.choice([k for k in (1, 3, 5) if k <= min(x.shape[1:])]))
     x = b.conv(x, ch, k, int(rng.integers(1, 3)), int(rng.integers(0, k // 2 + 1)))
@@ -199,6 +216,8 @@ def random_graph(seed: int) -> G.IntGraph:
     cat_rng = np.random.default_rng(seed + 7919)      # its own stream: graphs without one are unchanged
     if cat_rng.random() < 0.4:
         x = b.concat(x, cat_rng)
+    if lut_at == "late":
+        x = b.lut(x, lut_rng)
     x = b.pool(x, str(rng.choice(["maxpool", "avgpool"])))
     if rng.random() < 0.2:                             # a raw int32 feature map as the output
         out = b.conv(x, 3, 1, 1, 0, raw=True)

@@ -100,14 +100,16 @@ def test_a_users_own_loop_drives_the_method_through_its_hooks():
     assert (int_pred == torch_pred).mean() >= 0.95                         # and computes what the model computes
 
 
-class GeluNet(Tiny):
+class SoftmaxNet(Tiny):
+    """Softmax over the channels: not elementwise, so no table (F.gelu here would be one)."""
+
     def forward(self, x):
-        return self.fc(F.max_pool2d(F.gelu(self.conv(x)), 2).flatten(1))
+        return self.fc(F.max_pool2d(torch.softmax(self.conv(x), 1), 2).flatten(1))
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (lambda x, y: mq.prepare(GeluNet(), example_input=x), FreezeError,
-     "cannot become an integer program, nothing was trained; 1 problem: operation 'gelu' (F.gelu in 'net')"),
+    (lambda x, y: mq.prepare(SoftmaxNet(), example_input=x), FreezeError,
+     "cannot become an integer program, nothing was trained; 1 problem: operation 'softmax' (torch.softmax in 'net')"),
     (lambda x, y: mq.prepare(Tiny(), method="nosuch", example_input=x), mq.APIError, "--method nosuch: unknown"),
     (lambda x, y: mq.prepare(Tiny(), target_bits=9, example_input=x), mq.APIError, "--target-bits 9: must be in (0, 8]"),
     (lambda x, y: mq.prepare(Tiny(), example_input=x, learning_rate=0.1), mq.APIError, "unknown option learning_rate"),

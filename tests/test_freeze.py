@@ -124,11 +124,13 @@ def test_inspect_reports_layers_and_sizes(trained_digits, capsys):
 
 
 # ----------------------------------------------------------------------------- bad input
-class GeluCNN(nn.Module):
+class SoftmaxCNN(nn.Module):
+    """A layer freeze has no rule for: softmax over the channels (not elementwise, so no table)."""
+
     def __init__(self, num_classes=10):
         super().__init__()
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.act = nn.GELU()
+        self.act = nn.Softmax(dim=1)
         self.fc = nn.Linear(4 * 64, num_classes)
 
     def forward(self, x):
@@ -166,11 +168,11 @@ def test_bad_checkpoints_fail_in_one_line_without_output(trained_digits, tmp_pat
     assert "junk.pt" in cli_error(["freeze", str(tmp_path / "junk.pt"), "--out", str(out)])
     # an unsupported layer type, named (mixq train refuses to train it: the weights are built here
     # with float activations, the same parameters, and saved under an 8-bit config)
-    monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
-    cfg = TrainConfig(model="gelu-cnn")
-    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
+    monkeypatch.setitem(models.MODELS, "softmax-cnn", SoftmaxCNN)
+    cfg = TrainConfig(model="softmax-cnn")
+    ckpt = write_checkpoint(tmp_path / "softmax/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
     err = cli_error(["freeze", str(ckpt), "--out", str(out)])
-    assert "'net.act'" in err and "GELU" in err
+    assert "layer 'net.act' (Softmax) is not supported by freeze" in err
     # a model whose accumulator could overflow, named
     monkeypatch.setitem(models.MODELS, "wide-linear", WideLinear)
     cfg = TrainConfig(model="wide-linear", input_shape=(1, 300, 300))
@@ -189,9 +191,9 @@ def test_existing_frozen_dir_is_replaced_only_on_success(trained_digits, tmp_pat
     out = tmp_path / "frozen"
     assert cli.main(["freeze", str(trained_digits["run"] / "checkpoint.pt"), "--out", str(out)]) == 0
     before = G.manifest_sha256(out)
-    monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
-    cfg = TrainConfig(model="gelu-cnn")
-    ckpt = write_checkpoint(tmp_path / "gelu/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
+    monkeypatch.setitem(models.MODELS, "softmax-cnn", SoftmaxCNN)
+    cfg = TrainConfig(model="softmax-cnn")
+    ckpt = write_checkpoint(tmp_path / "softmax/checkpoint.pt", cfg, build(replace(cfg, act_bits=32))[0])
     cli_error(["freeze", str(ckpt), "--out", str(out)])
     assert G.manifest_sha256(out) == before
     # a directory that is not a frozen model is never overwritten
@@ -239,12 +241,12 @@ def test_freeze_model_names_unsupported_layers():
     with pytest.raises(FreezeError, match=r"layer 'net\.1' \(Conv2d\) has float weights"):
         freeze_model(model, "float-conv", (1, 8, 8))
 
-    class FunctionalGelu(nn.Module):
+    class FunctionalSoftmax(nn.Module):
         def forward(self, x):
-            return torch.nn.functional.gelu(x)
+            return torch.nn.functional.softmax(x, 1)
 
-    with pytest.raises(FreezeError, match="gelu.*not supported"):
-        freeze_model(quant_model(FunctionalGelu()), "fgelu", (1, 8, 8))
+    with pytest.raises(FreezeError, match=r"operation 'softmax' \(F.softmax in 'net'\) is not supported"):
+        freeze_model(quant_model(FunctionalSoftmax()), "fsoftmax", (1, 8, 8))
     conv = csq.CSQConv2d.from_float(nn.Conv2d(1, 2, 3), 2.0, 0.5)
     conv2 = csq.CSQConv2d.from_float(nn.Conv2d(2, 2, 3), 2.0, 0.5)
     with pytest.raises(FreezeError, match=r"layer 'net\.1'.*missing activation quantizer"):
@@ -258,6 +260,57 @@ def test_freeze_model_names_unsupported_layers():
         model.net[2].weight.copy_(torch.tensor([1.0, -2.0, 0.5]))
     with pytest.raises(FreezeError, match=r"layer 'net\.1'.*scales"):
         freeze_model(model, "bn-head", (1, 2, 2))
+
+
+# ----------------------------------------------------------------------------- table activations
+TABLE_ACTS = [nn.Hardswish(), nn.Hardsigmoid(), nn.SiLU(), nn.GELU(), nn.GELU("tanh"), nn.Sigmoid(), nn.Tanh(),
+              nn.LeakyReLU(0.2), nn.ELU(0.5), nn.Mish(), nn.SELU(), nn.CELU(2.0), nn.Softplus(2.0), nn.Hardtanh(-1.0, 2.0)]
+
+
+@pytest.mark.parametrize("act", TABLE_ACTS, ids=repr)
+def test_an_activation_freezes_as_the_table_training_computes(act):
+    """conv + BN + act + a linear head, through mq.prepare (surgery: a SignedQuant after the BN,
+    the activation's own quantizer after it): one lut op whose table is the hardened model's own
+    quantized activation of every input value, and whose program computes the model's logits."""
+    from mixq import api as mq
+    x, _ = digits_test()
+    x = torch.from_numpy(x)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.BatchNorm2d(6), act, nn.Flatten(), nn.Linear(6 * 64, 10))
+    q = mq.prepare(net, epochs=1, example_input=x[:256])
+    q.harden(True)
+    q.eval()
+    g = mq.freeze(q)
+    assert [o.kind for o in g.ops] == ["conv2d", "lut", "flatten", "linear"]
+    conv, lut = g.ops[0], g.ops[1]
+    unsigned = isinstance(act, (nn.Hardsigmoid, nn.Sigmoid, nn.Softplus))
+    assert conv.attrs["out_signed"] and lut.attrs.get("out_signed", False) is not unsigned
+    assert g.tensors[lut.output].dtype == ("uint8" if unsigned else "int8") and lut.attrs["function"] == repr(act)
+    # the table == what training computes: the module and its quantizer on the input grid (float32)
+    s_in, s_out = g.tensors[conv.output].scale, g.tensors[lut.output].scale
+    grid = torch.arange(-127, 128, dtype=torch.float32) * float(q.model.net[1][1].scale())
+    with torch.no_grad():
+        trained = torch.round(q.model.net[2](grid) / s_out).numpy()
+    table = lut.arrays["table"].astype(np.int64)
+    assert np.isclose(s_in, q.model.net[1][1].scale()) and np.abs(table - trained).max() <= 1
+    assert (table != trained).sum() <= 1                           # float32 vs float64 near a tie, at most
+    assert len(np.unique(table)) > 30
+    with torch.no_grad():
+        fake = q(x).numpy()
+    real = G.run_batched(g, G.quantize_input(g.input, x.numpy())) * np.asarray(g.tensors[g.output].scale)
+    assert np.abs(real - fake).max() <= 0.02 * np.abs(fake).max() and (real.argmax(1) == fake.argmax(1)).mean() >= 0.98
+
+
+def test_a_table_activation_without_a_quantizer_after_it_is_named():
+    conv = csq.CSQConv2d.from_float(nn.Conv2d(1, 2, 3), 2.0, 0.5)
+    head = csq.CSQLinear.from_float(nn.Linear(72, 3), 2.0, 0.5)
+    model = quant.QuantModel(nn.Sequential(conv, quant.SignedQuant(8), nn.Hardswish(), nn.Flatten(), head)).eval()
+    with pytest.raises(FreezeError, match=r"layer 'net\.3': its input is activation 'net\.2' \(Hardswish\) with no quantizer"):
+        freeze_model(model, "no-quant", (1, 8, 8))
+    model = quant.QuantModel(nn.Sequential(nn.Hardswish(), quant.SignedQuant(8), conv, quant.SignedQuant(8),
+                                           nn.Flatten(), head)).eval()
+    g = freeze_model(model, "on-the-input", (1, 8, 8))
+    assert [o.kind for o in g.ops] == ["lut", "conv2d", "flatten", "linear"] and g.ops[0].arrays["table"].shape == (255,)
 
 
 # ----------------------------------------------------------------------------- random-weight zoo models

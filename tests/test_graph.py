@@ -241,6 +241,64 @@ def test_concat_requantizes_each_part_then_joins_channels(signed):
     assert (got == hi).any() and (got == lo).any()
 
 
+@pytest.mark.parametrize("in_dtype,in_bits,signed,out_bits", [("int8", 8, True, 8), ("int8", 3, False, 4),
+                                                               ("uint8", 8, False, 8), ("uint8", 2, True, 3)])
+def test_lut_looks_up_every_input_value(in_dtype, in_bits, signed, out_bits):
+    """y = table[x - lo]: an int8 input's 2^bits - 1 values start at -(2^(bits-1) - 1), a uint8
+    input's 2^bits at 0; the table is hardswish of the input grid, rounded to the output's."""
+    lo, hi = (-((1 << (in_bits - 1)) - 1), (1 << (in_bits - 1)) - 1) if in_dtype == "int8" else (0, (1 << in_bits) - 1)
+    out_lo, out_hi = (-((1 << (out_bits - 1)) - 1), (1 << (out_bits - 1)) - 1) if signed else (0, (1 << out_bits) - 1)
+    s_in, s_out = 4.0 / max(hi, 1), 3.0 / out_hi
+    table = []
+    for v in range(lo, hi + 1):                     # written from the contract: one entry per input value
+        real = v * s_in
+        hswish = real * min(max(real + 3, 0), 6) / 6
+        table.append(min(max(round(hswish / s_out), out_lo), out_hi))
+    table = np.array(table, dtype=np.int8 if signed else np.uint8)
+    attrs = {"out_bits": out_bits, **({"out_signed": True} if signed else {}), "function": "Hardswish()"}
+    op = G.Op("act", "lut", ["x"], "y", attrs, {"table": table})
+    x = np.arange(lo, hi + 1).repeat(3).reshape(-1, 3)[RNG.permutation(hi - lo + 1)]     # every value, NC
+    x = np.concatenate([x, RNG.integers(lo, hi + 1, size=(5, 3))]).astype(in_dtype).reshape(-1, 3, 1, 1)
+    got = golden_and_sim(op, x)
+    want = np.array([table[int(v) - lo] for v in x.ravel()]).reshape(x.shape)
+    assert got.dtype == table.dtype and np.array_equal(got, want)
+    assert len(np.unique(got)) > 1
+
+
+def lut_graph(in_dtype="int8", in_bits=8, signed=True, out_bits=8) -> G.IntGraph:
+    lo, hi = (-((1 << (in_bits - 1)) - 1), (1 << (in_bits - 1)) - 1) if in_dtype == "int8" else (0, (1 << in_bits) - 1)
+    out_dtype = "int8" if signed else "uint8"
+    out_hi = (1 << (out_bits - 1)) - 1 if signed else (1 << out_bits) - 1
+    t = {"input": G.TensorInfo("input", (2, 3, 3), in_dtype, in_bits, 0.05),
+         "act": G.TensorInfo("act", (2, 3, 3), out_dtype, out_bits, 0.05)}
+    table = np.clip(np.arange(lo, hi + 1) // 2, -out_hi if signed else 0, out_hi).astype(out_dtype)
+    attrs = {"out_bits": out_bits, **({"out_signed": True} if signed else {})}
+    return G.IntGraph("lut", t["input"], "act", [G.Op("act", "lut", ["input"], "act", attrs, {"table": table})], t, {})
+
+
+def test_lut_validation_names_the_table_and_the_ranges(tmp_path):
+    G.validate(lut_graph())
+    G.save(lut_graph("uint8", 4, False, 3), tmp_path / "f")
+    g = G.load(tmp_path / "f")
+    assert g.ops[0].arrays["table"].dtype == np.uint8 and g.ops[0].arrays["table"].shape == (16,)
+    x = np.arange(16, dtype=np.uint8).repeat(18)[:2 * 18].reshape(2, 2, 3, 3)
+    assert np.array_equal(G.run(g, x), np.minimum(x // 2, 7))
+    cases = {
+        r"array 'table' must be int8 of shape \(255,\).*int8 input of 8 bits, -127\.\.127":
+            lambda g: g.ops[0].arrays.__setitem__("table", g.ops[0].arrays["table"][:-1]),
+        r"array 'table' must be int8": lambda g: g.ops[0].arrays.__setitem__("table", g.ops[0].arrays["table"].astype(np.int32)),
+        r"table entries must be in the output range -3\.\.3": lambda g: g.ops[0].attrs.__setitem__("out_bits", 3)
+                                                               or setattr(g.tensors["act"], "bits", 3),
+        r"output tensor must be int8": lambda g: setattr(g.tensors["act"], "dtype", "uint8"),
+        r"array 'table' must be": lambda g: g.ops[0].arrays.pop("table"),
+    }
+    for message, breaks in cases.items():
+        g = lut_graph()
+        breaks(g)
+        with pytest.raises(G.GraphError, match=message):
+            G.validate(g)
+
+
 @pytest.mark.parametrize("dtype,requant", [("int8", True), ("uint8", False)])
 def test_linear_matches_loops(dtype, requant):
     rng = np.random.default_rng(7)

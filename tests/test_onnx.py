@@ -125,6 +125,30 @@ def test_handmade_graph_export_is_exact_up_to_float_rounding():
         assert (np.abs(got - real) > 1e-4).mean() < 0.02
 
 
+def test_table_lookups_export_as_integer_gathers_bit_exact():
+    """lut ops (on the int8 input, then on a flattened int8 tensor into uint8) are Gathers of the
+    integer tables: ONNX Runtime's output is the golden interpreter's, bit for bit."""
+    rng = np.random.default_rng(2)
+    T = G.TensorInfo
+    t = {"input": T("input", (2, 4, 4), "int8", 8, 1 / 16), "a": T("a", (2, 4, 4), "int8", 7, 0.05),
+         "f": T("f", (32,), "int8", 7, 0.05), "b": T("b", (32,), "uint8", 4, 0.1)}
+    ops = [G.Op("a", "lut", ["input"], "a", {"out_bits": 7, "out_signed": True},
+                {"table": rng.integers(-63, 64, size=255).astype(np.int8)}),
+           G.Op("f", "flatten", ["a"], "f"),
+           G.Op("b", "lut", ["f"], "b", {"out_bits": 4}, {"table": rng.integers(0, 16, size=127).astype(np.uint8)})]
+    g = G.IntGraph("luts", t["input"], "b", ops, t, {})
+    G.validate(g)
+    q = rng.integers(-130, 131, size=(64, 2, 4, 4))                  # beyond the range too: the input clip
+    q.reshape(-1)[:255] = np.arange(-127, 128)
+    x = (q / 16).astype(np.float32)                                   # exact multiples of the scale
+    model = onnx_export.export(g, False)
+    assert [n.op_type for n in model.graph.node].count("Gather") == 2
+    got = ort_logits(model, x)                                        # DequantizeLinear(b): b * float32(0.1)
+    want = G.run(g, G.quantize_input(g.input, x))
+    assert np.array_equal(got, want.astype(np.float32) * np.float32(0.1))
+    assert len(np.unique(want)) == 16
+
+
 def test_int4_needs_onnxruntime_1_19(monkeypatch, trained_digits, tmp_path):
     monkeypatch.setattr(ort, "__version__", "1.18.1")
     assert not onnx_export.int4_supported()

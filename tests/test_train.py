@@ -231,37 +231,42 @@ def test_torch_compile_trains(tmp_path):
     assert m["epochs"] == 10 and m["accuracy"] > 85, m              # compiled: 97.8 %, eager 98.1 %
 
 
-class GeluCNN(torch.nn.Module):
-    """digits-cnn's shape with ops freeze has no rule for: a GELU module, F.silu, a product."""
+class SoftmaxCNN(torch.nn.Module):
+    """digits-cnn's shape with ops freeze has no rule for: a Softmax module and F.softmax over the
+    channels (not elementwise: no table), a product of two activations; and a GELU, which it takes."""
 
     def __init__(self, num_classes=10):
         super().__init__()
         self.conv1 = torch.nn.Conv2d(1, 8, 3, padding=1)
-        self.act1 = torch.nn.GELU()
+        self.act1 = torch.nn.Softmax(dim=1)
         self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.act2 = torch.nn.GELU()
         self.fc = torch.nn.Linear(8 * 64, num_classes)
 
     def forward(self, x):
         x = self.act1(self.conv1(x))
-        x = torch.nn.functional.silu(self.conv2(x)) * x
+        x = torch.nn.functional.softmax(self.act2(self.conv2(x)), 1) * x
         return self.fc(torch.flatten(x, 1))
 
 
 def test_a_net_freeze_cannot_take_is_refused_before_training_in_one_message(tmp_path, monkeypatch, cli_error):
-    monkeypatch.setitem(models.MODELS, "gelu-cnn", GeluCNN)
+    monkeypatch.setitem(models.MODELS, "softmax-cnn", SoftmaxCNN)
     run = tmp_path / "run"
-    err = cli_error(["train", "--model", "gelu-cnn", "--epochs", "1", "--train-subset", "100", "--out", str(run)])
-    assert "model 'gelu-cnn' cannot become an integer program, nothing was trained; 3 problems" in err, err
-    for what in ("layer 'net.act1' (GELU)", "operation 'silu' (F.silu in 'net')", "operation 'mul' (operator.mul in 'net')"):
+    err = cli_error(["train", "--model", "softmax-cnn", "--epochs", "1", "--train-subset", "100", "--out", str(run)])
+    assert "model 'softmax-cnn' cannot become an integer program, nothing was trained; 3 problems" in err, err
+    for what in ("layer 'net.act1' (Softmax)", "operation 'softmax' (F.softmax in 'net')",
+                 "operation 'mul' (operator.mul in 'net')"):
         assert what in err, (what, err)
+    assert "GELU" not in err and "act2" not in err
     assert err.count("\n") <= 1 and not run.exists()
     # the train stage alone (no freeze check) still refuses activations it would train as float
     from mixq.train.errors import ConfigError
     from mixq.train.loop import train as train_stage
-    with pytest.raises(ConfigError, match=r"'net.act1' \(GELU\).*'net' \(F.silu\)"):
-        train_stage(TrainConfig(model="gelu-cnn", epochs=1, train_subset=100), str(tmp_path / "stage"))
+    with pytest.raises(ConfigError, match=r"'net.act1' \(Softmax\).*'net' \(F.softmax\)") as e:
+        train_stage(TrainConfig(model="softmax-cnn", epochs=1, train_subset=100), str(tmp_path / "stage"))
+    assert "GELU" not in str(e.value)
     # float activations (--act-bits 32) are what the user asked for: that run trains
-    m = train(TrainConfig(model="gelu-cnn", act_bits=32, epochs=1, train_subset=100), str(run))
+    m = train(TrainConfig(model="softmax-cnn", act_bits=32, epochs=1, train_subset=100), str(run))
     assert m["int_accuracy"] is None
 
 

@@ -247,11 +247,37 @@ def relu_clip(m: nn.Module):
     return False, None
 
 
+# Elementwise activations other than a ReLU: each is computed on a quantized input, so freeze
+# makes it a table over the input's integer values (graph op `lut`), computed by the module itself.
+TABLE_ACTIVATIONS = (nn.Hardswish, nn.Hardsigmoid, nn.SiLU, nn.GELU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU,
+                     nn.Mish, nn.SELU, nn.CELU, nn.Softplus, nn.Hardtanh)
+_NONNEGATIVE = (nn.Hardsigmoid, nn.Sigmoid, nn.Softplus)
+
+
+def table_activation(m: nn.Module) -> bool:
+    """An activation module freeze computes as a table lookup (a ReLU-like one is an ActQuant instead)."""
+    return isinstance(m, TABLE_ACTIVATIONS) and not relu_clip(m)[0]
+
+
+def table_output_quantizer(m: nn.Module, act_bits: int) -> nn.Module:
+    """The quantizer after a table activation, which gives the table its output scale. A function
+    whose values are never negative (sigmoid, hardsigmoid, softplus; a Hardtanh(a > 0, b)) gets an
+    unsigned ActQuant: all 2^bits levels on its range instead of half of them, and a learned clip,
+    because where the values lie (a sigmoid's mostly well inside (0, 1), or saturated) matters more
+    than the bound of the range, as for a ReLU. Any other (Hardswish, SiLU, GELU, Mish, LeakyReLU,
+    ELU: slightly negative; tanh: symmetric) a SignedQuant: the contract has no zero point, so a
+    range like Hardswish's [-0.375, inf) costs one bit of resolution, but its negative part survives."""
+    nonnegative = isinstance(m, _NONNEGATIVE) or isinstance(m, nn.Hardtanh) and m.min_val >= 0
+    return ActQuant(act_bits) if nonnegative else SignedQuant(act_bits)
+
+
 def swap_layers(model: nn.Module, convert, act_bits: int) -> nn.Module:
     """Replace Conv2d/Linear via `convert(module)`, ReLU (ReLU6, Hardtanh(0, c): fixed clip) by
-    ActQuant, and follow every average pool with an ActQuant so its output is an integer tensor
-    too. Functional activations and modules used twice are made modules, one per use, first
-    (train.surgery.one_module_per_activation)."""
+    ActQuant, follow every average pool with an ActQuant and every other activation (Hardswish,
+    GELU, sigmoid...: `table_activation`) with its quantizer (`table_output_quantizer`), so their
+    outputs are integer tensors too. Functional activations and modules used twice are made
+    modules, one per use, first (train.surgery.one_module_per_activation); a table activation's
+    input gets a SignedQuant there where it may be negative (insert_signed_quantizers)."""
     for name, child in list(model.named_children()):
         relu, clip = relu_clip(child)
         if isinstance(child, (nn.Conv2d, nn.Linear)) and not hasattr(child, "integer_weight"):
@@ -260,6 +286,8 @@ def swap_layers(model: nn.Module, convert, act_bits: int) -> nn.Module:
             setattr(model, name, ActQuant(act_bits, clip))
         elif isinstance(child, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
             setattr(model, name, nn.Sequential(child, ActQuant(act_bits)))
+        elif table_activation(child):
+            setattr(model, name, nn.Sequential(child, table_output_quantizer(child, act_bits)))
         else:
             swap_layers(child, convert, act_bits)
     return model

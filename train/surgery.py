@@ -8,7 +8,11 @@ F.adaptive_avg_pool2d, x.mean((2, 3))) and call one activation module at several
 per use, before the swap (what torch.ao's prepare_fx does for its observers). A net that needs
 no rewrite (every zoo net) is left as it is: same class, same module tree.
 
-Anything else (an nn.GELU module, F.silu...) would train with float values and report an
+Other elementwise activations (Hardswish, GELU, SiLU, sigmoid...: quant.TABLE_ACTIVATIONS, as
+modules or as F.hardswish, torch.sigmoid, x.tanh()...) become modules the same way; swap_layers
+puts a quantizer after each and `insert_signed_quantizers` one before it where its input may be
+negative, and freeze makes it a table over its quantized input. Anything else (F.softmax, a
+functional activation with computed arguments...) would train with float values and report an
 accuracy for a network that `mixq freeze` then refuses; `check_activations` refuses such a
 model before training instead, naming each place (the `mixq train` command goes further: it
 dry-runs freeze on the untrained model and lists every op freeze cannot take)."""
@@ -54,7 +58,7 @@ def unquantized_activations(model: nn.Module) -> list[str]:
     (torch.nn.modules.activation) and, when torch.fx can trace the model, activation functions
     and tensor methods (path: the module whose forward calls them)."""
     found = [f"'{name}' ({type(m).__name__})" for name, m in model.named_modules()
-             if type(m).__module__ == nn.ReLU.__module__]
+             if type(m).__module__ == nn.ReLU.__module__ and not quant.table_activation(m)]
     try:
         graph = Tracer().trace(model)
     except Exception:   # noqa: BLE001 - untraceable forward: freeze will say so; modules are found above
@@ -96,8 +100,31 @@ _SIGNATURES = {
     "max_pool2d": lambda input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
     return_indices=False: None,
     "mean": lambda input, dim=None, keepdim=False, dtype=None: None,
+    # table activations (quant.TABLE_ACTIVATIONS)
+    "hardswish": lambda input, inplace=False: None,
+    "hardsigmoid": lambda input, inplace=False: None,
+    "silu": lambda input, inplace=False: None,
+    "gelu": lambda input, approximate="none": None,
+    "sigmoid": lambda input: None,
+    "tanh": lambda input: None,
+    "leaky_relu": lambda input, negative_slope=0.01, inplace=False: None,
+    "elu": lambda input, alpha=1.0, inplace=False: None,
+    "mish": lambda input, inplace=False: None,
+    "selu": lambda input, inplace=False: None,
+    "celu": lambda input, alpha=1.0, inplace=False: None,
+    "softplus": lambda input, beta=1.0, threshold=20.0: None,
 }
-_ALIASES = {"clip": "clamp", "clamp_": "clamp", "clip_": "clamp", "clamp_min_": "clamp_min", "hardtanh_": "hardtanh"}
+_ALIASES = {"clip": "clamp", "clamp_": "clamp", "clip_": "clamp", "clamp_min_": "clamp_min", "hardtanh_": "hardtanh",
+            "sigmoid_": "sigmoid", "tanh_": "tanh", "leaky_relu_": "leaky_relu", "elu_": "elu", "selu_": "selu",
+            "celu_": "celu"}
+# name -> the module computing it from the call's arguments (bound by _SIGNATURES' names)
+_TABLE_MODULES = {
+    "hardswish": lambda a: nn.Hardswish(), "hardsigmoid": lambda a: nn.Hardsigmoid(), "silu": lambda a: nn.SiLU(),
+    "gelu": lambda a: nn.GELU(a["approximate"]), "sigmoid": lambda a: nn.Sigmoid(), "tanh": lambda a: nn.Tanh(),
+    "leaky_relu": lambda a: nn.LeakyReLU(a["negative_slope"]), "elu": lambda a: nn.ELU(a["alpha"]),
+    "mish": lambda a: nn.Mish(), "selu": lambda a: nn.SELU(), "celu": lambda a: nn.CELU(a["alpha"]),
+    "softplus": lambda a: nn.Softplus(a["beta"], a["threshold"]),
+}
 _GLOBAL_DIMS = ({2, 3}, {-1, -2})
 
 
@@ -125,8 +152,10 @@ def _as_module(name: str, a: dict) -> nn.Module | None:
         return nn.ReLU()
     if name == "relu6":
         return nn.ReLU6()
-    if name == "hardtanh" and a["min_val"] == 0 and a["max_val"] > 0:
-        return _relu(a["max_val"])
+    if name == "hardtanh" and a["max_val"] > a["min_val"]:
+        return _relu(a["max_val"]) if a["min_val"] == 0 else nn.Hardtanh(a["min_val"], a["max_val"])
+    if name in _TABLE_MODULES:
+        return _TABLE_MODULES[name](a)
     if name == "clamp" and a["min"] == 0 and (a["max"] is None or a["max"] > 0):
         return _relu(a["max"])
     if name == "clamp_min" and a["min"] == 0:
@@ -147,8 +176,8 @@ def _as_module(name: str, a: dict) -> nn.Module | None:
 
 
 def _stateful_per_use(m: nn.Module) -> bool:
-    """Modules that become (or get) an ActQuant, which learns one clip per place it quantizes."""
-    return quant.relu_clip(m)[0] or isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+    """Modules that become (or get) an ActQuant or SignedQuant, which learns one clip per place it quantizes."""
+    return quant.relu_clip(m)[0] or isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) or quant.table_activation(m)
 
 
 def one_module_per_activation(net: nn.Module) -> nn.Module:
@@ -270,10 +299,15 @@ _PASS_CALLS = {"flatten", "view", "reshape", "size"}
 _NEEDS_QUANT = (nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
 
 
+def _needs_quant(m) -> bool:
+    return isinstance(m, _NEEDS_QUANT) or quant.table_activation(m)     # a table is over integer inputs
+
+
 def insert_signed_quantizers(net: nn.Module, act_bits: int) -> nn.Module:
-    """A SignedQuant after every value that reaches a conv, linear, pool or flatten without a
-    ReLU-like activation on its way: MobileNetV2's linear bottleneck, whose projection conv + BN
-    output (or its residual sum with the block input) feeds the next block. Freeze makes it an
+    """A SignedQuant after every value that reaches a conv, linear, pool, flatten or table
+    activation (Hardswish, GELU...) without a ReLU-like activation on its way: MobileNetV2's linear
+    bottleneck, whose projection conv + BN output (or its residual sum with the block input)
+    feeds the next block; MobileNetV3's conv + BN before its Hardswish. Freeze makes it an
     int8 tensor (graph: out_signed). Where the value comes from decides the place:
 
       - a module (the projection's BatchNorm2d, a conv without BN): it becomes
@@ -292,7 +326,7 @@ def insert_signed_quantizers(net: nn.Module, act_bits: int) -> nn.Module:
     modules = dict(net.named_modules())
     places = {}
     for node in graph.nodes:
-        if not (node.op == "call_module" and isinstance(modules.get(node.target), _NEEDS_QUANT)):
+        if not (node.op == "call_module" and _needs_quant(modules.get(node.target))):
             continue
         src = node.args[0] if node.args and isinstance(node.args[0], torch.fx.Node) else None
         while src is not None and _passes_through(src, modules):
@@ -316,7 +350,8 @@ def _passes_through(node, modules) -> bool:
 
 def _signed_place(node, modules, net) -> str | None:
     """The module path to follow with a SignedQuant for the value `node`, or None when it is
-    quantized already (the input, a ReLU-like activation, an average pool: ActQuant follows it)."""
+    quantized already (the input, a ReLU-like activation, an average pool: ActQuant follows it;
+    a table activation: swap_layers puts its quantizer after it)."""
     if node.op == "placeholder":
         return None
     if node.op == "call_module":
