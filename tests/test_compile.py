@@ -195,8 +195,10 @@ def test_random_graph_on_the_fast_path_is_bit_exact(seed, host_target, graphgen)
         np.testing.assert_array_equal(got, want, err_msg=f"seed {seed}, batch {len(x)}, {info['strategy']}")
     if info["strategy"] != "default":
         assert set(info.get("fallbacks", {})) == {op for op, s in info["lowerings"].items() if s == "default"}
-        # signed outputs stay on it (grouped convs aside: those need dot-product instructions)
-        signed = [op.name for op in g.ops if op.attrs.get("out_signed") and op.attrs.get("groups", 1) == 1]
+        # signed conv, linear and add outputs stay on it (grouped convs aside: those need dot-product
+        # instructions; concat and lut take the default lowering whatever their sign)
+        signed = [op.name for op in g.ops if op.attrs.get("out_signed") and op.attrs.get("groups", 1) == 1
+                  and op.kind in ("conv2d", "linear", "add")]
         assert all(info["lowerings"][name] == "packed" for name in signed), info.get("fallbacks")
 
 
