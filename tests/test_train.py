@@ -280,13 +280,16 @@ def test_ste_uniform_trains_fixed_precision(tmp_path):
 
 
 def test_history_rows_can_evaluate_a_probe_of_the_test_set(tmp_path, monkeypatch):
-    """--history-test-images N: epochs before the last evaluate the first N test images (a long
-    run's per-epoch rows stay cheap); the last epoch, and so metrics.json, all of them."""
+    """--history-test-images N: epochs before the last evaluate N test images drawn once, not
+    the first N (an image folder's test split is sorted by class); a long run's per-epoch rows
+    stay cheap; the last epoch, and so metrics.json, all of them."""
     from mixq.train import loop
     seen, real = [], loop.accuracy
-    monkeypatch.setattr(loop, "accuracy", lambda model, loader, device: seen.append(len(loader.dataset)) or real(model, loader, device))
+    monkeypatch.setattr(loop, "accuracy", lambda model, loader, device: seen.append(loader.dataset) or real(model, loader, device))
     m = train(TrainConfig(method="csq", epochs=3, history_test_images=25), str(tmp_path / "run"))
-    assert seen == [25, 25, 25, 25, 360, 360], seen          # hardened + relaxed per epoch
+    assert [len(d) for d in seen] == [25, 25, 25, 25, 360, 360]          # hardened + relaxed per epoch
+    probe = seen[0].indices
+    assert all(d.indices == probe for d in seen[:4]) and probe != list(range(25)) and max(probe) > 100, probe
     assert m["test_images"] == 360 and float(history(tmp_path / "run")[-1]["accuracy"]) == m["accuracy"]
 
 

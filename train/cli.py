@@ -59,7 +59,7 @@ def add_arguments(p):
     p.add_argument("--train-subset", type=int, help="train on N random images (quick runs)")
     p.add_argument("--test-subset", type=int, help="evaluate on N test images")
     p.add_argument("--history-test-images", type=int,
-                   help="history.csv rows before the last epoch evaluate on the first N test images "
+                   help="history.csv rows before the last epoch evaluate on N test images drawn once (seeded) "
                         "(a long run's per-epoch evaluation is then cheap); the last epoch and metrics.json use all")
     group = p.add_argument_group("method options (train/methods/*.py)")
     for o in methods.options().values():

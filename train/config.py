@@ -47,7 +47,7 @@ class CommonConfig:
     device: str = "auto"
     train_subset: int | None = None
     test_subset: int | None = None
-    history_test_images: int | None = None   # per-epoch history rows: the first N test images (last epoch: all)
+    history_test_images: int | None = None   # per-epoch history rows: N test images drawn once (last epoch: all)
     compile: bool = False           # torch.compile the model for training
     amp: str = "off"                # "bf16": autocast convolutions to bfloat16 (CSQ weights stay fp32)
     input_size: tuple | None = None         # --dataset folder: (H, W) its images are resized to (required there)

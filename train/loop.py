@@ -211,7 +211,11 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
     test_loader = torch.utils.data.DataLoader(spec.test, 512, num_workers=spec.workers)
     probe_loader = test_loader      # the per-epoch rows before the last: all test images, or the first N
     if cfg.history_test_images and cfg.history_test_images < len(spec.test):
-        probe = torch.utils.data.Subset(spec.test, range(cfg.history_test_images))
+        # a fixed random sample, not the first N: an image folder's test split is sorted by
+        # class, so its first 2000 CIFAR-10 images are two classes (the study's early history
+        # rows measured airplanes and cars only)
+        pick = torch.randperm(len(spec.test), generator=torch.Generator().manual_seed(cfg.seed))
+        probe = torch.utils.data.Subset(spec.test, sorted(pick[:cfg.history_test_images].tolist()))
         probe_loader = torch.utils.data.DataLoader(probe, 512, num_workers=spec.workers)
     steps = len(train_loader)
     opts = make_optimizers(model, cfg)
