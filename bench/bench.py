@@ -5,11 +5,13 @@
 Models (prepared under bench/out/, all from this run):
   digits-cnn  csq-mixed  CSQ, 8 epochs on the bundled digits (target 3 bits), frozen
               w8a8       STE uniform 8-bit weights (--method ste-uniform --weight-bits 8), 3 epochs
-  resnet20    csq-mixed  a random CSQ checkpoint: random kept-bit masks per layer (1-4 kept bit
+  resnet20,   csq-mixed  a random CSQ checkpoint: random kept-bit masks per layer (1-4 kept bit
                          positions, so 2..9 storage bits), BN statistics and activation clips
                          calibrated on CIFAR-10 training images (random images without the
                          dataset); speed does not depend on the weights' values
-              w8a8       STE uniform 8-bit, random weights, calibrated the same way
+  mobilenetv2 w8a8       STE uniform 8-bit, random weights, calibrated the same way
+              (mobilenetv2: the CIFAR-10 variant of models/mobilenet_v2.py, ReLU6 clips and
+              signed int8 linear bottlenecks)
 Runtimes, batch 1 and 32, 1 and 2 threads:
   mixq-default  `mixq compile FROZEN --target host` (no tuning; one library, any batch)
   mixq-tuned    `mixq compile FROZEN --target host --batch B --tune N --tune-db
@@ -52,7 +54,8 @@ CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
 BATCHES = (1, 32)
 THREADS = (1, 2)
 RUNTIMES = ("mixq-default", "mixq-tuned", "ort-int8", "ort-fp32", "torch-fp32")
-MODELS = {"digits-cnn": ("digits", (1, 8, 8)), "resnet20": ("cifar10", (3, 32, 32))}
+MODELS = {"digits-cnn": ("digits", (1, 8, 8)), "resnet20": ("cifar10", (3, 32, 32)),
+          "mobilenetv2": ("cifar10", (3, 32, 32))}
 BITS = ("csq-mixed", "w8a8")
 
 
