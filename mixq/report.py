@@ -13,7 +13,8 @@ from mixq import fsio
 from mixq.errors import MixqError
 
 COLUMNS = [("run", "run"), ("method", "method"), ("target", "target"), ("avg bits", "avg_bits"),
-           ("storage bits", "storage_bits"), ("weights KiB", "weight_kib"), ("compression", "compression"),
+           ("storage bits", "storage_bits"), ("weights KiB", "weight_kib"), ("GBOPs", "gbops"),
+           ("compression", "compression"),
            ("accuracy %", "accuracy"), ("integer %", "int_accuracy"), ("deployed", "deployed")]
 
 
@@ -24,6 +25,12 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
 
 
+def _target(m: dict):
+    """The run's budget as given: target bits (--target-bits, bits=T) or the size / bops budget."""
+    budget = m.get("budget")
+    return budget if budget and not budget.startswith("bits=") else m["target_bits"]
+
+
 def load_row(run: Path) -> dict:
     path = run / "metrics.json"
     if not path.is_file():
@@ -31,9 +38,10 @@ def load_row(run: Path) -> dict:
     try:
         m = json.loads(path.read_text())
         row = {"run": run.name, "model": m["model"], "dataset": m["dataset"], "method": m["method"],
-               "target": m["target_bits"], "act_bits": m["act_bits"], "avg_bits": m["avg_bits"],
+               "target": _target(m), "act_bits": m["act_bits"], "avg_bits": m["avg_bits"],
                "storage_bits": m["storage_bits"], "compression": m["compression"],
-               "weight_kib": m["params"] * m["storage_bits"] / 8 / 1024,
+               "weight_kib": m.get("weight_kib") or m["params"] * m["storage_bits"] / 8 / 1024,
+               "gbops": m.get("gbops"),
                "accuracy": m["accuracy"], "int_accuracy": m.get("int_accuracy"), "deployments": []}
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise MixqError(f"{path}: not a mixq metrics file ({type(e).__name__}: {e})") from None
@@ -56,7 +64,7 @@ def cell(row: dict, key: str) -> str:
     if v is None:
         return "-"
     if isinstance(v, float):
-        return f"{v:.2f}"
+        return f"{v:.4g}" if key == "gbops" else f"{v:.2f}"
     return str(v)
 
 
