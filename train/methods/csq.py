@@ -7,13 +7,13 @@ optimizer trains, and the Method subclasses. README "Why the search converges" h
 measurements behind the defaults."""
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from mixq.train import quant
+from mixq.train.budget import Costs
 from mixq.train.errors import ConfigError
 from mixq.train.methods.base import Method, Option
 from mixq.train.quant import N_BITS, BitInfo, best_clip, float_twin
@@ -250,19 +250,23 @@ class CSQLinear(CSQMixin, nn.Linear):
 
 
 # ----------------------------------------------------------------------------- the method
+def _span_ends(kept: torch.Tensor):
+    """([L, 1] lowest, [L, 1] highest kept bit, the [8] bit index) of a [L, 8] bool mask (none kept: 8, -1)."""
+    idx = torch.arange(kept.shape[1], device=kept.device)
+    lo = torch.where(kept, idx, kept.shape[1]).amin(1, keepdim=True)
+    hi = torch.where(kept, idx, -1).amax(1, keepdim=True)
+    return lo, hi, idx
+
+
 def _storage(kept: torch.Tensor) -> torch.Tensor:
     """[L] storage bits (span of the kept bits + sign; 1 for a layer with none) of a [L, 8] bool mask."""
-    idx = torch.arange(kept.shape[1], device=kept.device)
-    hi = torch.where(kept, idx, -1).amax(1)
-    lo = torch.where(kept, idx, kept.shape[1]).amin(1)
-    return (hi - lo + 1).clamp(min=0) + 1
+    lo, hi, _ = _span_ends(kept)
+    return (hi - lo + 1).clamp(min=0).squeeze(1) + 1
 
 
 def _next_to_span(kept: torch.Tensor) -> torch.Tensor:
     """[L, 8] bool: the bit just below and just above each layer's span of kept bits."""
-    idx = torch.arange(kept.shape[1], device=kept.device)
-    hi = torch.where(kept, idx, -1).amax(1, keepdim=True)
-    lo = torch.where(kept, idx, kept.shape[1]).amin(1, keepdim=True)
+    lo, hi, idx = _span_ends(kept)
     return ~kept & ((idx == lo - 1) | (idx == hi + 1))
 
 
@@ -510,16 +514,12 @@ class CSQ(Method):
         layers = self.layers()
         logits = torch.stack([layer.bit_mask_logits for layer in layers])            # [L, 8]
         kept = logits >= 0
-        costs = self.costs
-        if costs is None:               # the model was prepared outside the loop (bits=T)
-            want = math.floor(self.target * len(layers) + 1e-6)
-            fits = lambda k: int(k.sum()) <= want                     # noqa: E731
-        else:
-            fits = lambda k: costs.fits(_allocation(k))               # noqa: E731
-        measure = (lambda k: int(k.sum())) if costs is None else (lambda k: costs.measure(_allocation(k)))  # noqa: E731
+        costs = self.costs or Costs.mean_bits(self.target, len(layers))    # prepared outside the loop: bits=T
+        fits = lambda k: costs.fits(_allocation(k))                   # noqa: E731
+        measure = lambda k: costs.measure(_allocation(k))             # noqa: E731
         while not fits(kept):
             movable = kept & (kept.sum(1, keepdim=True) > max(self.min_layer_bits, 1))
-            if costs is not None and not costs.is_bits:
+            if not costs.is_bits:
                 now = measure(kept)
                 for i in torch.nonzero(movable.view(-1)).flatten().tolist():
                     trial = kept.clone()
@@ -530,7 +530,7 @@ class CSQ(Method):
             i = int(torch.where(movable, logits, float("inf")).argmin())
             kept.view(-1)[i] = False
         while True:                     # under budget: the best dropped bit that still fits comes back
-            back = ~kept if costs is None or costs.is_bits else _next_to_span(kept)
+            back = ~kept if costs.is_bits else _next_to_span(kept)
             added = False
             for i in torch.argsort(torch.where(back, logits, -float("inf")).view(-1), descending=True).tolist():
                 if not back.view(-1)[i]:
