@@ -373,16 +373,20 @@ def test_beta_saturates_and_the_mask_hardens_without_a_rewind():
     assert model.conv.beta is model.fc.beta and float(model.conv.beta) == pytest.approx(200)
 
 
-def test_bit_gates_can_anneal_to_their_own_temperature():
-    """--bit-beta-max: m_p, m_n follow the same curve to their own temperature while the mask
-    is searched (the mask's beta still on its way to beta_max), then catch up with beta_max by
-    the end of the search; the weight and the undecided count use the bits' temperature."""
+def test_bit_gates_stay_soft_while_the_mask_is_searched_then_anneal():
+    """--bit-beta-soft: m_p, m_n at a constant temperature while the mask is searched (the
+    mask's beta on its way to beta_max), then from the step the mask is final geometrically
+    to beta_max over half the remaining search, then at beta_max; the weight and the
+    undecided count use the bits' temperature."""
     torch.manual_seed(0)
-    method = CSQ(8, 3.0, 10, 0, lam=0.01, beta_max=200.0, mask_hard_at=0.8, bit_beta_max=20.0)
+    method = CSQ(8, 3.0, 10, 0, lam=0.01, beta_max=200.0, mask_hard_at=0.6, bit_beta_soft=2.0)
     model = method.prepare(TwoLayer())
+    method.on_step(0.0)
+    assert method.bit_beta == pytest.approx(2.0) and method.beta == pytest.approx(1.0)
     method.on_step(5.0)
-    assert method.beta == pytest.approx(200 ** 0.5) and method.bit_beta == pytest.approx(20 ** 0.5)
-    assert model.conv.bit_beta is model.fc.bit_beta and float(model.conv.bit_beta) == pytest.approx(20 ** 0.5)
+    assert method.beta == pytest.approx(200 ** 0.5) and method.bit_beta == pytest.approx(2.0)
+    assert model.conv.bit_beta is model.fc.bit_beta and float(model.conv.bit_beta) == pytest.approx(2.0)
+    assert not model.conv.frozen
     layer = model.conv
     want = csq.csq_formula(layer.bit_logits_pos, layer.bit_logits_neg, layer.bit_mask_logits, layer.scale,
                            layer.beta, layer.bit_beta)
@@ -390,15 +394,38 @@ def test_bit_gates_can_anneal_to_their_own_temperature():
     assert not torch.allclose(layer.csq_weight(), csq.csq_formula(layer.bit_logits_pos, layer.bit_logits_neg,
                               layer.bit_mask_logits, layer.scale, layer.beta))
     with torch.no_grad():                   # a bit logit decided at beta but not at the bit temperature
-        layer.bit_logits_pos.fill_(0.5)
+        layer.bit_logits_pos.fill_(1.0)
     und = layer.undecided()
-    assert float(und[0]) == float(und[1]) / 2          # every m_p of a kept plane: |4.47 * 0.5| < 3
-    method.on_step(8.0)                                # the mask final: the bits catch up with beta
-    assert method.bit_beta == pytest.approx(20 ** 0.8)
-    method.on_step(9.0)
-    assert method.bit_beta == pytest.approx((20 ** 0.8 * 200) ** 0.5)
+    assert float(und[0]) == float(und[1]) / 2          # every m_p of a kept plane: |2 * 1| < 3
+    method.on_step(6.0)                                # the mask final: the bits start to anneal
+    assert model.conv.frozen and method.bit_beta == pytest.approx(2.0)
+    method.on_step(7.0)                                # half of the anneal (the first half of the phase)
+    assert method.bit_beta == pytest.approx(2.0 * 100 ** 0.5)
+    method.on_step(8.0)                                # the anneal done: beta_max for the phase's second half
+    assert method.bit_beta == pytest.approx(200.0)
     method.on_step(9.9999)                             # the search's last step: every gate at beta_max
     assert method.beta == pytest.approx(200, rel=1e-3) and method.bit_beta == pytest.approx(200, rel=1e-3)
+
+
+def test_paper_bits_follow_beta_and_csq_uniform_anneals_its_bits_like_csq():
+    """bit_beta_soft None (the paper recipe): one temperature for every gate. csq-uniform: its
+    mask is final from the first step, its bits soft until --mask-hard-at, then annealed."""
+    from mixq.train.methods import CSQUniform
+    method = CSQ(8, 3.0, 10, 0, lam=0.01, beta_max=200.0, mask_hard_at=1.0, bit_beta_soft=None)
+    method.prepare(TwoLayer())
+    for t in (0.0, 3.0, 9.0):
+        method.on_step(t)
+        assert method.bit_beta == pytest.approx(method.beta) == pytest.approx(200 ** (t / 10))
+    uniform = CSQUniform(8, weight_bits=4, epochs=10, bit_beta_soft=2.0, mask_hard_at=0.5)
+    model = uniform.prepare(TwoLayer())
+    uniform.on_step(0.0)
+    assert model.conv.frozen and uniform.bit_beta == pytest.approx(2.0)
+    uniform.on_step(4.9)
+    assert uniform.bit_beta == pytest.approx(2.0)
+    uniform.on_step(6.25)
+    assert uniform.bit_beta == pytest.approx(20.0)
+    uniform.on_step(9.0)
+    assert uniform.bit_beta == pytest.approx(200.0)
 
 
 def test_the_mask_becomes_final_on_budget_dropping_the_most_marginal_bits():
@@ -499,3 +526,12 @@ def test_bit_logit_bound_projects_the_bit_logits_after_each_step():
             assert float(p.detach().abs().max()) == 1.0
     assert torch.equal(model.conv.bit_mask_logits, mask)    # the mask logits are not bounded
     assert torch.equal(hard, model.conv.integer_weight()[0])        # signs kept: the same hardened weight
+
+
+def test_a_checkpoint_config_with_the_retired_bit_beta_max_still_loads():
+    from mixq.train.config import TrainConfig
+    from mixq.train.errors import ConfigError
+    old = {**TrainConfig().to_dict(), "bit_beta_max": 20.0}
+    assert TrainConfig.from_dict(old).bit_beta_soft == 2.0
+    with pytest.raises(ConfigError, match="unknown config keys"):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), "bit_beta_maxx": 20.0})

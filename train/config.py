@@ -19,6 +19,10 @@ from mixq.train.methods import METHODS
 
 RECIPES = ("mixq", "paper")
 DERIVED = {"num_classes", "input_shape", "classes"}      # config fields the data set sets, no option
+# options of earlier versions a checkpoint may still record; read and ignored (its run then
+# resumes under today's schedule): bit_beta_max, CSQ's bit-gate temperature curve until the
+# soft bit gates (bit_beta_soft) replaced it
+RETIRED = {"bit_beta_max"}
 
 
 @dataclass
@@ -66,6 +70,7 @@ class CommonConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k not in RETIRED}
         unknown = set(d) - names
         if unknown:
             raise ConfigError(f"unknown config keys: {sorted(unknown)}")
@@ -197,7 +202,7 @@ def recipe_defaults(recipe: str, model: str, dataset: str) -> dict:
         "batch_size": 256, "lam": 0.01, "beta_max": 200.0, "beta_saturate": 1.0, "mask_hard_at": 1.0,
         "csq_init": "full", "mask_init": 0.0, "init_logit": 1.0,  # all 8 bits, every gate at 1/2
         "min_layer_bits": 0, "fixed_shortcuts": True, "warmup_epochs": 0, "init_from": None,
-        "bit_logit_bound": 0.0, "bit_beta_max": None,             # no box on the logits, one beta
+        "bit_logit_bound": 0.0, "bit_beta_soft": None,            # no box on the logits, one beta
     }
 
 
