@@ -7,7 +7,6 @@ optimizer trains, and the Method subclasses. README "Why the search converges" h
 measurements behind the defaults."""
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -470,8 +469,7 @@ class CSQ(Method):
         and leaves it in a few steps; annealing to the last step left 0.05-0.17 % of the bit
         gates undecided on digits, and the hardened net 1.1 points (4 of 360 images) below the
         relaxed one in 2 of 6 runs; with the second half at beta_max, 0.006-0.03 %. Why the
-        bits are soft first: the digits learn
-        only while their gates are soft. With |m| <= 2 (--bit-logit-bound) a gate is a step
+        bits are soft first: the digits learn only while their gates are soft. With |m| <= 2 (--bit-logit-bound) a gate is a step
         (|beta_b * m| > 3) from beta_b ~ 1.5 on, and the gradient through a saturated sigmoid,
         sig'(beta_b * m) ~ e^-(beta_b * m), falls below Adam's epsilon (1e-8) from beta_b ~ 8:
         the digit never moves again. On the paper's curve that is 40 % into the search, and a
