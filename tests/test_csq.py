@@ -407,6 +407,23 @@ def test_bit_gates_stay_soft_while_the_mask_is_searched_then_anneal():
     assert method.beta == pytest.approx(200, rel=1e-3) and method.bit_beta == pytest.approx(200, rel=1e-3)
 
 
+def test_a_search_too_short_for_the_bit_anneal_is_warned_about_when_training_starts(tmp_path, capsys):
+    """The anneal's steps: search epochs x steps per epoch x the phase with the mask final x
+    BIT_ANNEAL. Below csq.MIN_ANNEAL_STEPS (a 10-step anneal collapsed to chance) `mixq train`
+    says so on stderr, once, and trains anyway; the paper's one beta has no anneal."""
+    from mixq.train.config import TrainConfig
+    from mixq.train.loop import train
+    method = CSQ(8, 3.0, 6, 0, mask_hard_at=0.8, bit_beta_soft=2.0)
+    assert method.anneal_steps(16) == pytest.approx(9.6)
+    assert len(method.advice(16)) == 1 and "10 optimizer steps" in method.advice(16)[0]
+    assert method.advice(32) == []                                  # 19.2 steps
+    assert CSQ(8, 3.0, 6, 0, mask_hard_at=1.0, bit_beta_soft=None).advice(1) == []
+    train(TrainConfig(epochs=1, train_subset=256, batch_size=128), str(tmp_path / "run"))
+    err = capsys.readouterr().err
+    assert err.count("mixq train: warning: the bit gates anneal over 0 optimizer steps") == 1, err
+    assert (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_paper_bits_follow_beta_and_csq_uniform_anneals_its_bits_like_csq():
     """bit_beta_soft None (the paper recipe): one temperature for every gate. csq-uniform: its
     mask is final from the first step, its bits soft until --mask-hard-at, then annealed."""

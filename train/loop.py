@@ -18,6 +18,7 @@ import io
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -218,6 +219,9 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
         probe = torch.utils.data.Subset(spec.test, sorted(pick[:cfg.history_test_images].tolist()))
         probe_loader = torch.utils.data.DataLoader(probe, 512, num_workers=spec.workers)
     steps = len(train_loader)
+    if proc.main and state is None:
+        for line in method.advice(steps):
+            print(f"mixq train: warning: {line}", file=sys.stderr)
     opts = make_optimizers(model, cfg)
     scheds = {k: torch.optim.lr_scheduler.LambdaLR(o, lambda s: lr_factor(s, steps, cfg)) for k, o in opts.items()}
     if state is not None:

@@ -18,6 +18,7 @@ subclass, registered with one line in train/methods/__init__.py. The loop calls:
                         `self.costs` (train.budget.Costs), checked feasible
     harden(hard)        switch to the exact integer weights used for evaluation and freeze
     export_bits()       per-layer bit report, from each layer's bit_info()
+    advice(steps)       warnings about valid settings known to fail, printed when training starts
 
 and reads from the class: `name` (--method NAME), `mixed` (searches per-layer bits under
 --target-bits, else one --weight-bits for every layer), `options` (the TrainConfig fields and
@@ -165,6 +166,11 @@ class Method:
 
     def export_bits(self) -> list:
         return layer_report(self.model)
+
+    def advice(self, steps_per_epoch: int) -> list:
+        """Warnings about settings that are valid but known to fail (one line each), printed
+        once when training starts: e.g. a search too short for CSQ's bit anneal."""
+        return []
 
     def bits_final_epoch(self) -> float | None:
         """The (fractional) search epoch from which the bits no longer change, when that is
