@@ -8,8 +8,9 @@ Fixtures: `cli_error` and `run_error` (the CLI in this process, failing with exi
 error line), `mixq` (the CLI in a subprocess), `mixq_train` (the argv of `mixq train` in a
 subprocess), `trained_digits` (the session's one default CSQ run on digits, frozen),
 `graphgen` (tests/graphgen.py, random integer graphs), `study` (bench/study.py), and
-`nan_loss_at` (a NaN training loss at a chosen step). Helper: `forced_model` (a random-weight
-zoo model with forced bits, calibrated and hardened for freezing).
+`nan_loss_at` (a NaN training loss at a chosen step). Helpers: `forced_model` (a random-weight
+zoo model with forced bits, calibrated and hardened for freezing), `golden_matches_intsim` (a
+frozen digits model computes exactly what its trained model does under integer simulation).
 
 pytest puts this directory on sys.path (its default "prepend" import mode), so test modules
 import `conftest`, `graphgen` and `importgraph` (the package's import graph) directly."""
@@ -142,6 +143,22 @@ def forced_model(name: str, input_shape, act_bits: int, kept_sets, calib, seed: 
     with torch.no_grad():
         model(torch.from_numpy(calib))
     return model.eval()
+
+
+def golden_matches_intsim(frozen, model, method, cfg) -> float:
+    """Freeze's golden program in `frozen` computes on the digits test split exactly the logits
+    of the trained model (hardened) under integer simulation; returns its accuracy (%)."""
+    import numpy as np
+    import torch
+
+    from mixq import data, graph as G, intsim
+    g = G.load(frozen)
+    x, y = data.test_arrays(data.load("digits"))
+    gold = G.run_batched(g, G.quantize_input(g.input, x))
+    method.harden(True)
+    sim = intsim.IntSim.from_model(model.eval(), cfg.input_shape).logits(torch.from_numpy(x)).numpy()
+    assert np.array_equal(sim, gold)
+    return 100.0 * float((gold.argmax(1) == y).mean())
 
 
 # ----------------------------------------------------------------------------- fault injection

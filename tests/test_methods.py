@@ -90,7 +90,7 @@ def test_a_method_added_the_documented_way_trains_and_freezes(registry, tmp_path
     capsys.readouterr()
     METHODS.pop("toy")
     assert cli.main(["train", "--method", "toy", "--out", str(tmp_path / "r2")]) == 2
-    assert "choose from: csq, bsq, clado, ste-uniform, csq-uniform" in capsys.readouterr().err
+    assert "choose from: csq, bsq, clado, sdq, ste-uniform, csq-uniform" in capsys.readouterr().err
 
 
 def test_a_registered_name_is_not_taken_over(registry):
@@ -118,7 +118,8 @@ def test_shared_options_are_one_field_and_one_flag():
 def test_each_method_names_the_parameters_its_bit_optimizer_trains():
     from mixq.train.config import build
     from mixq.train.loop import make_optimizers
-    for name, n_bit_params in (("csq", 10), ("bsq", 10), ("clado", 0), ("ste-uniform", 0), ("csq-uniform", 10)):
+    for name, n_bit_params in (("csq", 10), ("bsq", 10), ("clado", 0), ("sdq", 0), ("ste-uniform", 0),
+                               ("csq-uniform", 10)):
         cfg = TrainConfig(method=name, weight_bits=4)
         model, _ = build(cfg)
         opts = make_optimizers(model, cfg)

@@ -16,6 +16,8 @@ from mixq.train.config import TrainConfig
 from mixq.train.checkpoint import load_checkpoint, restore_model
 from mixq.train_command import train
 
+from conftest import golden_matches_intsim
+
 
 def bsq_layer(seed=0, shape=(6, 3, 3, 3)):
     torch.manual_seed(seed)
@@ -173,12 +175,7 @@ def test_peer_meets_the_budget_on_digits_and_freezes_exactly(method, peer_runs, 
     assert cli.main(["freeze", str(run / "checkpoint.pt"), "--out", str(tmp_path / "frozen")]) == 0
     g = G.load(tmp_path / "frozen")
     assert [op.attrs["kept_bits"] for op in g.ops if "weight" in op.arrays] == [r["kept_bits"] for r in m["layers"]]
-    x, y = data.test_arrays(data.load("digits"))
-    gold = G.run_batched(g, G.quantize_input(g.input, x))
-    meth.harden(True)
-    sim = intsim.IntSim.from_model(model.eval(), cfg.input_shape).logits(torch.from_numpy(x)).numpy()
-    assert np.array_equal(sim, gold)
-    assert 100.0 * float((gold.argmax(1) == y).mean()) == pytest.approx(m["int_accuracy"])
+    assert golden_matches_intsim(tmp_path / "frozen", model, meth, cfg) == pytest.approx(m["int_accuracy"])
 
 
 def test_clado_resume_after_allocation_keeps_it(tmp_path):

@@ -39,8 +39,8 @@ def add_arguments(p):
     p.add_argument("--act-bits", type=int, help="activation bits 2..8, or 32 (float)")
     p.add_argument("--epochs", type=int, help=f"all training epochs ({'/'.join(mixed)}: search + finetune)")
     p.add_argument("--finetune-epochs", type=int, help=f"{'/'.join(mixed)}: the last N of --epochs train with the bits "
-                        "fixed (default: csq 0, bsq/clado a third); csq rewinds beta for them (the paper's ImageNet finetune)")
-    p.add_argument("--lr", type=float, help="SGD learning rate (weights, BN, scales, clips, mask logits)")
+                        "fixed (default: csq 0, bsq/clado/sdq a third); csq rewinds beta for them (the paper's ImageNet finetune)")
+    p.add_argument("--lr", type=float, help="SGD learning rate (weights, BN, scales, clips, CSQ's mask logits, SDQ's DBPs)")
     p.add_argument("--lr-warmup-epochs", type=int, help="linear learning-rate warm-up epochs")
     p.add_argument("--bit-optimizer", help="adam | sgd for the bit parameters (CSQ's bit logits m_p, m_n; BSQ's bit planes)")
     p.add_argument("--bit-lr", type=float, help="learning rate of the bit parameters (CSQ's bit logits m_p, m_n; "

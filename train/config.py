@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
-
-import torch
 
 from mixq.models import build_model, model_source
 from mixq.train import methods, quant, surgery
 from mixq.train.errors import ConfigError
+from mixq.train.floatweights import load_float_weights
 from mixq.train.methods import METHODS
 
 RECIPES = ("mixq", "paper")
@@ -204,35 +202,3 @@ def recipe_defaults(recipe: str, model: str, dataset: str) -> dict:
         "min_layer_bits": 0, "fixed_shortcuts": True, "warmup_epochs": 0, "init_from": None,
         "bit_logit_bound": 0.0, "bit_beta_soft": None,            # no box on the logits, one beta
     }
-
-
-def load_float_weights(net, path: str, model_name: str):
-    """Float weights (conv/linear weights and biases, batch norm) into the zoo net `net`, from
-    a mixq checkpoint of the same model (any method keeping float weights: ste-uniform, clado)
-    or a plain state dict of the net (e.g. torchvision's resnet18/50 weights for
-    `net.load_state_dict`). Every conv/linear weight must be there with its shape."""
-    if not Path(path).is_file():
-        raise ConfigError(f"--init-from {path}: no such file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for truncated/foreign files
-        raise ConfigError(f"--init-from {path}: not a readable checkpoint ({type(e).__name__})") from None
-    if isinstance(state, dict) and {"model", "config"} <= set(state):        # a mixq checkpoint
-        other = state["config"].get("model") if isinstance(state["config"], dict) else None
-        if other != model_name:
-            raise ConfigError(f"--init-from {path}: a checkpoint of model '{other}', not '{model_name}'")
-        state = {k[len("net."):]: v for k, v in state["model"].items() if k.startswith("net.")}
-    if not isinstance(state, dict):
-        raise ConfigError(f"--init-from {path}: not a state dict")
-    own = net.state_dict()
-    for name, m in net.named_modules():
-        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)):
-            key = f"{name}.weight"
-            if key not in state:
-                raise ConfigError(f"--init-from {path}: no float weight for layer '{name}' (a CSQ or BSQ "
-                                 "checkpoint keeps no float weights)")
-    loaded = {k: v for k, v in state.items() if k in own}
-    for k, v in loaded.items():
-        if tuple(v.shape) != tuple(own[k].shape):
-            raise ConfigError(f"--init-from {path}: '{k}' has shape {tuple(v.shape)}, the model's is {tuple(own[k].shape)}")
-    net.load_state_dict(loaded, strict=False)

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from mixq import data as datasets
@@ -180,10 +179,12 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
     # one run per directory (rank 0 holds it under torchrun); released when _train returns or the process ends
     _lock = fsio.DirLock(out, TrainError) if os.environ.get("RANK", "0") == "0" else None
     ckpt_path = out / "checkpoint.pt"
-    # a run killed during its warm-up has no checkpoint of its own yet: it resumes the warm-up
-    warming = cfg.warmup_epochs and not ckpt_path.exists()
+    sub_runs = cfg.method_class().sub_runs(cfg)
+    # a run killed during its warm-up or a sub-run has no checkpoint of its own yet: it resumes that
+    warming = (cfg.warmup_epochs or sub_runs) and not ckpt_path.exists()
     state = resume_state(ckpt_path, cfg) if resume and not warming else None
     init = warm_up(cfg, out, evaluate, check) if state is None and cfg.warmup_epochs else cfg.init_from
+    subs = {name: sub_run(sub, out / name, evaluate, check) for name, sub in sub_runs.items()}
     proc = start_process(cfg)
     spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed, cfg.input_size)
     cfg.num_classes, cfg.input_shape, cfg.classes = spec.num_classes, spec.input_shape, spec.classes
@@ -205,6 +206,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
         set_budget(model, method, cfg, calib[0])
         start_epoch, history = state["epoch"] + 1, state["history"]
     method.attach_data(*calib)
+    method.before_training(subs)
     model.to(proc.device)
     # under DDP the mask logits are unused parameters while the mask is frozen (finetune)
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if proc.world > 1 else model
@@ -263,9 +265,10 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
 
 def train_epoch(forward, method, loader, opts: dict, scheds: dict, cfg: TrainConfig, epoch: int, augment=None,
                 proc: Proc = Proc(), ckpt_path: Path | None = None) -> tuple[float, float]:
-    """One epoch of steps: the method's per-epoch and per-step hooks, cross entropy plus the
-    method's regularizer, every optimizer and scheduler stepped. Returns the summed loss and
-    regularizer. `mixq train` and the Python API's fit (mixq.api) both train with it."""
+    """One epoch of steps: the method's per-epoch and per-step hooks, its task loss (cross
+    entropy; SDQ's with distillation) plus its regularizer, every optimizer and scheduler
+    stepped. Returns the summed loss and regularizer. `mixq train` and the Python API's fit
+    (mixq.api) both train with it."""
     method.on_epoch(epoch)                          # per-epoch work (BSQ: precision; CLADO: allocation)
     steps = len(loader)
     # loss and regularizer sums and the first non-finite step stay on the device: the step
@@ -280,7 +283,7 @@ def train_epoch(forward, method, loader, opts: dict, scheds: dict, cfg: TrainCon
         reg = method.regularizer().to(proc.device)
         with autocast(cfg, proc.device):
             logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y) + reg
+        loss = method.task_loss(logits.float(), y, x) + reg
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         if (step + 1) % CHECK_EVERY == 0 or step + 1 == steps:
             check_finite(first_bad, epoch, ckpt_path, proc)
@@ -300,11 +303,18 @@ def warm_up(cfg: TrainConfig, out: Path, evaluate=None, check=None) -> str:
     """The warm-up sub-run in RUN/warmup: 8-bit STE weights (from --init-from, or the zoo's
     initialization) trained for --warmup-epochs; its float weights start the CSQ/BSQ run. A
     finished warm-up is reused, a killed one resumed."""
-    wdir = out / "warmup"
+    warm = replace(cfg, method="ste-uniform", weight_bits=8, epochs=cfg.warmup_epochs,
+                   finetune_epochs=None, warmup_epochs=0)
+    return sub_run(warm, out / "warmup", evaluate, check)
+
+
+def sub_run(cfg: TrainConfig, wdir: Path, evaluate=None, check=None) -> str:
+    """Train `cfg` in `wdir` before the run that needs it (the warm-up; a method's sub_runs):
+    a finished one (its metrics.json) is reused, a killed one resumed. Returns its checkpoint.
+    Called before the run's own process group starts: a sub-run under torchrun is a run of
+    its own, which ends its process group when it finishes."""
     if not (wdir / "metrics.json").exists():
-        warm = replace(cfg, method="ste-uniform", weight_bits=8, epochs=cfg.warmup_epochs,
-                       finetune_epochs=None, warmup_epochs=0)
-        train(warm, str(wdir), resume=(wdir / "checkpoint.pt").exists(), evaluate=evaluate, check=check)
+        train(cfg, str(wdir), resume=(wdir / "checkpoint.pt").exists(), evaluate=evaluate, check=check)
     return str(wdir / "checkpoint.pt")
 
 

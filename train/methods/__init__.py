@@ -3,6 +3,7 @@
     csq.py     CSQ and CSQ-Uniform (the bit-level relaxation, with and without the mask)
     bsq.py     BSQ (bit planes, STE, group Lasso, precision adjustment)
     clado.py   CLADO (measured cross-layer sensitivities, bits allocated by a quadratic program)
+    sdq.py     SDQ (DBPs choosing stochastically between adjacent bit-widths; EBR and distillation)
     ste.py     STE-uniform (the fixed-precision baseline; its layers are CLADO's too)
 
 The interface and the registry are in base.py. Adding a method is its file (layers with
@@ -13,11 +14,13 @@ from mixq.train.methods.base import METHODS, Method, Option, options, register
 from mixq.train.methods.bsq import BSQ
 from mixq.train.methods.clado import CLADO
 from mixq.train.methods.csq import CSQ, CSQUniform
+from mixq.train.methods.sdq import SDQ
 from mixq.train.methods.ste import STEUniform
 
 register(CSQ)
 register(BSQ)
 register(CLADO)
+register(SDQ)
 register(STEUniform)
 register(CSQUniform)
 

@@ -11,11 +11,15 @@ subclass, registered with one line in train/methods/__init__.py. The loop calls:
     on_step(epoch)      before every training step, `epoch` fractional (epoch + step/steps)
                         (CSQ: beta annealing, the mask becoming final, the min-bits guard)
     regularizer()       extra loss term (a tensor; 0 when the method has none)
+    task_loss(logits, y, x)   the loss the regularizer is added to (cross entropy; SDQ: with
+                        distillation from its float teacher once its bits are fixed)
     after_step()        after each optimizer step (CSQ: box on the bit logits; BSQ: keep bit
                         planes in [0, 2])
     set_budget(facts, budget)   before training (and on resume): what each layer's bits cost
                         (train.budget.layer_facts); a mixed method's budget (--budget) as
                         `self.costs` (train.budget.Costs), checked feasible
+    before_training(sub_runs)   before the first epoch (and on resume): the checkpoints of the
+                        runs `sub_runs(cfg)` asked for, trained first (SDQ: its float teacher)
     harden(hard)        switch to the exact integer weights used for evaluation and freeze
     export_bits()       per-layer bit report, from each layer's bit_info()
     advice(steps)       warnings about valid settings known to fail, printed when training starts
@@ -23,13 +27,14 @@ subclass, registered with one line in train/methods/__init__.py. The loop calls:
 and reads from the class: `name` (--method NAME), `mixed` (searches per-layer bits under
 --target-bits, else one --weight-bits for every layer), `options` (the TrainConfig fields and
 `mixq train` flags it adds), `from_config(cfg, net)`, `check_options(cfg)`, the optimizer roles
-of its parameters (`bit_params`, `gate_params`), `warm_start`, `needs_finetune` and
-`default_finetune(epochs)`."""
+of its parameters (`bit_params`, `gate_params`), `warm_start`, `needs_finetune`,
+`default_finetune(epochs)` and `sub_runs(cfg)`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 
 from mixq.train import quant
 from mixq.train.budget import Costs
@@ -39,15 +44,17 @@ from mixq.train.budget import Costs
 class Option:
     """A training option a method adds: a TrainConfig field `name` and the `mixq train` flag
     --NAME-WITH-DASHES (or `flag`). A bool option is a switch (store_true). Methods that read
-    the same option each declare it, with the same default; their help texts are joined."""
+    the same option each declare it, with the same default; their help texts are joined.
+    `kind`: the value's type where the default (None) does not tell it."""
     name: str
     default: object
     help: str
     flag: str | None = None
+    kind: type | None = None
 
     @property
     def type(self) -> type:
-        return type(self.default)
+        return self.kind or type(self.default)
 
     @property
     def cli_flag(self) -> str:
@@ -117,6 +124,13 @@ class Method:
         return 0
 
     @classmethod
+    def sub_runs(cls, cfg) -> dict:
+        """Runs to train before this one, each a TrainConfig by name: the loop trains each in
+        RUN/NAME (reused when finished, resumed when killed) and hands their checkpoints to
+        before_training. SDQ's --teacher-epochs: its float teacher."""
+        return {}
+
+    @classmethod
     def param_role(cls, param_name: str) -> str | None:
         """"bits", "gates" or None (a plain weight, bias, BN or clip parameter)."""
         attr = param_name.rsplit(".", 1)[-1]
@@ -149,6 +163,9 @@ class Method:
             self.costs = Costs(budget, facts)
             self.costs.check_feasible(self.max_storage)
 
+    def before_training(self, sub_runs: dict):
+        """Before the first epoch, and again on resume: {name: checkpoint path} of sub_runs()."""
+
     def on_epoch(self, epoch: int):
         pass
 
@@ -157,6 +174,10 @@ class Method:
 
     def regularizer(self):
         return torch.zeros(())
+
+    def task_loss(self, logits, y, x):
+        """The training loss of a batch (images x, labels y) before the regularizer is added."""
+        return F.cross_entropy(logits, y)
 
     def after_step(self):
         pass
