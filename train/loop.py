@@ -6,6 +6,8 @@ RUN_DIR/metrics.json    accuracy of the hardened model (and, with the `mixq trai
                         under integer simulation), bits, compression, per-layer table
 RUN_DIR/history.csv     per epoch: loss, accuracy, beta, precision (avg and per layer)
 RUN_DIR/precision.png   per-layer precision over epochs;  RUN_DIR/bits.png final bit-widths
+RUN_DIR/sensitivity.json, .png   mixed methods: the loss change when one layer loses or gains a
+                        bit (train.sensitivity), measured after the rest is written
 
 Under torchrun (WORLD_SIZE > 1) every process trains on its DistributedSampler shard with the
 model wrapped in DistributedDataParallel; `--batch-size` is per process (as in torchvision's
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from mixq import data as datasets
 from mixq import fsio
-from mixq.train import quant
+from mixq.train import quant, sensitivity
 from mixq.train.budget import layer_facts, measures
 from mixq.train.checkpoint import TRAINING_FACTS, config_facts, resume_state, restore_model, save_checkpoint
 from mixq.train.config import TrainConfig, build
@@ -187,7 +189,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
     spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed, cfg.input_size)
     cfg.num_classes, cfg.input_shape, cfg.classes = spec.num_classes, spec.input_shape, spec.classes
     torch.manual_seed(cfg.seed)
-    calib = calibration_images(spec)
+    calib = datasets.calibration_images(spec)
     if state is None:
         model, method = build(cfg, init)
         if check is not None:
@@ -251,6 +253,9 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
         save_checkpoint(ckpt_path, model, cfg, cfg.epochs - 1, history, opts, scheds,
                         {k: metrics.get(k) for k in TRAINING_FACTS})
         write_reports(out, metrics, history)
+        if method.mixed:        # why the method allocated its bits: RUN/sensitivity.{json,png}
+            result = sensitivity.measure(model, method, *calib)
+            sensitivity.write(out, result, sensitivity.title_of(cfg, result))
     if proc.world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -359,7 +364,7 @@ def restore_optimizers(opts: dict, scheds: dict, state: dict, ckpt_path: Path):
         raise TrainError(f"{ckpt_path}: optimizer state does not match the model ({str(e)[:120]})") from None
 
 
-REPORTS = ("checkpoint.pt", "metrics.json", "history.csv", "precision.png", "bits.png")
+REPORTS = ("checkpoint.pt", "metrics.json", "history.csv", "precision.png", "bits.png") + sensitivity.FILES
 
 
 def clear_reports(out: Path):
@@ -367,13 +372,6 @@ def clear_reports(out: Path):
     directory never mixes two runs (e.g. an old metrics.json beside a new, unfinished run)."""
     for name in REPORTS:
         (out / name).unlink(missing_ok=True)
-
-
-def calibration_images(spec, n: int = 2048):
-    """The first n training images and labels (no augmentation): the same on every process."""
-    n = min(len(spec.train), n)
-    return (torch.stack([spec.train[i][0] for i in range(n)]),
-            torch.tensor([int(spec.train[i][1]) for i in range(n)]))
 
 
 def calibrate(model, x, cfg: TrainConfig):
