@@ -168,18 +168,22 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, c
     # nothing that matters numerically and makes Adam on the bit logits ~8x faster. The mode is
     # per thread: OpenMP workers inherit it only if they start after this line, as they do in
     # `mixq train` (here, before any parallel torch op of the process).
+    cfg.validate()
+    # one run per directory (rank 0 holds it under torchrun), released when the run ends,
+    # however it ends: explicitly, because a reference cycle through _train's frame would keep
+    # it until the garbage collector runs (`mixq sweep` trains many runs in one process)
+    lock = fsio.DirLock(Path(out_dir), TrainError) if os.environ.get("RANK", "0") == "0" else None
     torch.set_flush_denormal(True)
     try:
         return _train(cfg, out_dir, resume, evaluate, check)
     finally:
         torch.set_flush_denormal(False)
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, check=None) -> dict:
-    cfg.validate()
     out = Path(out_dir)
-    # one run per directory (rank 0 holds it under torchrun); released when _train returns or the process ends
-    _lock = fsio.DirLock(out, TrainError) if os.environ.get("RANK", "0") == "0" else None
     ckpt_path = out / "checkpoint.pt"
     # a run killed during its warm-up has no checkpoint of its own yet: it resumes the warm-up
     warming = cfg.warmup_epochs and not ckpt_path.exists()
