@@ -122,7 +122,11 @@ def plot(rows: list, path: Path, references=(), title: str | None = None):
     ax.set(xlabel="weights (KiB, packed at storage bits)", ylabel="top-1 accuracy (%)",
            title=title or f"accuracy vs size: {', '.join(models)}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if references:              # below the axes: the lines run across the whole plot
+        fig.set_size_inches(7, 5.5)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fsio.save_png(fig, path, MixqError)
 

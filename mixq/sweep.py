@@ -265,7 +265,7 @@ def command(args) -> str:
     return " ".join(parts + ([f"--results {args.results}"] if args.results else []))
 
 
-def write_results(rows: list, points: list, args, prefix: Path, seconds: float):
+def write_results(rows: list, points: list, args, prefix: Path):
     methods = parse_methods(args.methods)
     order = {p.name: (methods.index(p.cfg.method), p.budget.measure, p.budget.value) for p in points if p.budget}
     grid = sorted((r for r in rows if r["role"] == "grid"), key=lambda r: order[r["run"]])      # method by method
@@ -277,7 +277,7 @@ def write_results(rows: list, points: list, args, prefix: Path, seconds: float):
     settings = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "act_bits", "seed", "train_subset", "test_subset",
                                               "recipe", "data_dir")}
     meta = {"command": command(args), "model": args.model, "dataset": args.dataset, "settings": settings,
-            "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "seconds": round(seconds, 1),
+            "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "runs_planned": len(points), "runs_done": sum(r["status"] == "done" for r in rows), "runs": rows}
     fsio.write_text(Path(f"{prefix}.json"), json.dumps(meta, indent=1) + "\n", SweepError)
     images = lambda n: "all" if n is None else f"{n}"
@@ -313,7 +313,6 @@ def run(args) -> int:
     check(points, out)
     out.mkdir(parents=True, exist_ok=True)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
     status = {}
     with fsio.DirLock(out, SweepError):
         for i, p in enumerate(points, 1):
@@ -324,7 +323,7 @@ def run(args) -> int:
                 msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 status[p.name] = f"failed: {msg}"
                 say(status[p.name])
-            write_results(rows_of(points, out, status), points, args, prefix, time.time() - t0)
+            write_results(rows_of(points, out, status), points, args, prefix)
     rows = rows_of(points, out, status)
     bad = [r["run"] for r in rows if r["status"] != "done" or report.cell(r, "bit_exact") == "NO"]
     print(report.text_table([r for r in rows if "accuracy" in r], [("run", "run")] + COLUMNS))
