@@ -37,9 +37,11 @@ def test_csq_moves_a_bit_by_its_mask_gate():
     assert torch.equal(weight(layer.one_bit_more()), hard({1, 2, 3, 4}))  # the bit below, its trained digits
     assert torch.allclose(weight(layer.integer_weight()), layer.hard_weight().double())
     assert not torch.equal(hard({1, 2, 3, 4}), hard({2, 3, 4}))
-    # at bit 0 the extra bit is above the span; at the edges there is no move
-    assert torch.equal(weight(csq_layer({0, 1}).one_bit_more()), weight(csq_layer({0, 1}).integer_weight(
-        torch.tensor([b in {0, 1, 2} for b in range(8)]))))
+    # from bit 0 the extra bit is the lowest shut one: above the span, or a gap in a kept set
+    # spanning all 8 bits (the paper recipe's masks); at the edges there is no move
+    for kept, opened in (({0, 1}, 2), ({0, 3, 7}, 1)):
+        assert torch.equal(weight(csq_layer(kept).one_bit_more()), weight(csq_layer(kept).integer_weight(
+            torch.tensor([b in kept | {opened} for b in range(8)]))))
     assert csq_layer({5}).one_bit_fewer() is None and csq_layer(set(range(8))).one_bit_more() is None
 
 

@@ -15,7 +15,7 @@ negative is where one more bit would have paid.
 What "one bit fewer" or "more" is, is the method's own move of a bit, answered by its layer
 (`one_bit_fewer()`, `one_bit_more()`: (q, scale) of the layer re-quantized, or None where the
 move does not exist): CSQ shuts the gate of its lowest kept bit (the plane is cut off, as CSQ's
-mask drops it) or opens the bit next to its span with the digits its bit logits hold there; BSQ
+mask drops it) or opens one more, with the digits its bit logits hold there; BSQ
 removes its bottom plane as its precision adjustment does (the integers rounded onto the
 narrower span) or adds the plane below its span from its continuous planes (above, at bit 0);
 CLADO switches the layer as it switches precision (the scale re-fitted, quant.best_clip). A

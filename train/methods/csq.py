@@ -247,14 +247,15 @@ class CSQMixin:
 
     @torch.no_grad()
     def one_bit_more(self):
-        """(q, scale) with the bit next to the kept span opened, with the digits its bit logits
-        hold there (trained all along under a shut gate): below the span (a finer step) or, when
-        the span reaches bit 0, above it; None when all 8 bits are kept."""
+        """(q, scale) with one more bit opened, with the digits its bit logits hold there (they
+        learn little under a shut gate): the bit below the lowest kept one (a finer step) or, when
+        that is bit 0, the lowest shut bit (a gap in the kept set, or the bit above it); None when
+        all 8 bits are kept."""
         kept = self.kept_mask().clone()
         positions = kept.nonzero().flatten().tolist()
         if not positions or len(positions) == N_BITS:
             return None
-        kept[positions[0] - 1 if positions[0] > 0 else positions[-1] + 1] = True
+        kept[positions[0] - 1 if positions[0] > 0 else int((~kept).nonzero()[0])] = True
         return self.integer_weight(kept)
 
 
