@@ -24,6 +24,8 @@ COMMANDS = {
     "compile": ("mixq.compile.cli", "compile a frozen model with TVM for a target"),
     "deploy": ("mixq.runtime.cli", "run a compiled model locally or on a board: exactness, accuracy, latency"),
     "report": ("mixq.report", "runs side by side (methods, budgets, deployments) and the accuracy-size plot"),
+    "sweep": ("mixq.sweep", "train, freeze and deploy a grid of methods x budgets; the accuracy-size Pareto table and plot"),
+    "sensitivity": ("mixq.train.sensitivity", "per-layer loss change of a mixed run when one layer loses or gains a bit"),
 }
 
 

@@ -73,6 +73,15 @@ def load(name: str, data_dir: str | None = None, train_subset: int | None = None
     return spec
 
 
+def calibration_images(spec: DataSpec, n: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first n training images and labels (no augmentation): what training calibrates the
+    input scale and activation clips on and hands the methods (attach_data), and what `mixq
+    sensitivity` measures on; the same on every process and in every later command."""
+    n = min(len(spec.train), n)
+    return (torch.stack([spec.train[i][0] for i in range(n)]),
+            torch.tensor([int(spec.train[i][1]) for i in range(n)]))
+
+
 def check_model_fits(spec: DataSpec, input_shape, output_shape, where: str):
     """DataError (after `where`) unless a model of this input shape (C, H, W) and output shape
     (classes,) fits the data set's images and classes."""

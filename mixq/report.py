@@ -58,6 +58,10 @@ def load_row(run: Path) -> dict:
 
 def cell(row: dict, key: str) -> str:
     v = row.get(key)
+    if key == "bit_exact":
+        return ("yes" if all(d["bit_exact"] for d in row["deployments"]) else "NO") if row.get("deployments") else "-"
+    if key == "front":
+        return "*" if v else ""
     if key == "deployed":
         return "; ".join(f"{d['arch']} {'exact' if d['bit_exact'] else 'NOT EXACT'} {d['latency_ms']:.3f} ms"
                          + (" (emulated)" if d["emulated"] else "") for d in row["deployments"]) or "-"
@@ -68,26 +72,37 @@ def cell(row: dict, key: str) -> str:
     return str(v)
 
 
-def table(rows: list) -> list:
-    return [[cell(r, key) for _, key in COLUMNS] for r in rows]
+def table(rows: list, columns=COLUMNS) -> list:
+    return [[cell(r, key) for _, key in columns] for r in rows]
 
 
-def text_table(rows: list) -> str:
-    body = table(rows)
-    heads = [h for h, _ in COLUMNS]
+def text_table(rows: list, columns=COLUMNS) -> str:
+    body = table(rows, columns)
+    heads = [h for h, _ in columns]
     widths = [max(len(x) for x in col) for col in zip(heads, *body)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
     return "\n".join([line(heads), "  ".join("-" * w for w in widths)] + [line(c) for c in body])
 
 
-def markdown(rows: list) -> str:
-    heads = [h for h, _ in COLUMNS]
+def markdown(rows: list, columns=COLUMNS) -> str:
+    heads = [h for h, _ in columns]
     out = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
-    out += ["| " + " | ".join(c) + " |" for c in table(rows)]
+    out += ["| " + " | ".join(c) + " |" for c in table(rows, columns)]
     return "\n".join(out) + "\n"
 
 
-def plot(rows: list, path: Path):
+def pareto_front(rows: list) -> list:
+    """Per row, whether it is on the accuracy-size Pareto front: no other row is at most as
+    large (weight_kib) and at least as accurate (accuracy), and better in one of the two."""
+    def beaten(r):
+        return any(o["weight_kib"] <= r["weight_kib"] and o["accuracy"] >= r["accuracy"]
+                   and (o["weight_kib"], o["accuracy"]) != (r["weight_kib"], r["accuracy"]) for o in rows)
+    return [not beaten(r) for r in rows]
+
+
+def plot(rows: list, path: Path, references=(), title: str | None = None):
+    """Accuracy vs packed weight size, one line per method, each point labelled with its mean
+    precision; rows with "front" true ringed; references: (label, accuracy) horizontal lines."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -97,11 +112,21 @@ def plot(rows: list, path: Path):
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=method)
         for x, y, b in pts:
             ax.annotate(f"{b:.2f}b", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    front = [r for r in rows if r.get("front")]
+    if front:
+        ax.plot([r["weight_kib"] for r in front], [r["accuracy"] for r in front], "o", ms=12, mfc="none",
+                mec="k", mew=1, label="Pareto front")
+    for (label, accuracy), style in zip(references, ("--", ":", "-.")):
+        ax.axhline(accuracy, color="gray", ls=style, lw=1.2, label=label)
     models = sorted({r["model"] for r in rows})
     ax.set(xlabel="weights (KiB, packed at storage bits)", ylabel="top-1 accuracy (%)",
-           title=f"accuracy vs size: {', '.join(models)}")
+           title=title or f"accuracy vs size: {', '.join(models)}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if references:              # below the axes: the lines run across the whole plot
+        fig.set_size_inches(7, 5.5)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fsio.save_png(fig, path, MixqError)
 

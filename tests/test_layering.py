@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 CORE = {"mixq", "mixq.graph", "mixq.fsio", "mixq.errors", "mixq.data"}
 COMMANDS = {"mixq.cli", "mixq.api", "mixq.train_command", "mixq.report", "mixq.inspect", "mixq.evaluate",
-            "mixq.onnx_export"}
+            "mixq.onnx_export", "mixq.sweep"}
 STAGES = [("models", ("mixq.models",)), ("train", ("mixq.train",)), ("freeze", ("mixq.freeze", "mixq.intsim")),
           ("compile", ("mixq.compile",)), ("runtime", ("mixq.runtime",))]
 

@@ -61,8 +61,18 @@ def resume_state(ckpt_path: Path, cfg: TrainConfig) -> dict:
     state = load_checkpoint(ckpt_path)
     if not RESUME_KEYS <= set(state):
         raise TrainError(f"{ckpt_path}: not resumable (no optimizer state: not written by mixq train)")
+    differ = config_difference(state, cfg, ckpt_path)
+    if differ:
+        raise TrainError(f"{ckpt_path}: --resume with a different configuration than the run's ({differ})")
+    return state
+
+
+def config_difference(ckpt: dict, cfg: TrainConfig, ckpt_path="checkpoint") -> str | None:
+    """"OPTION: run has X, now Y" for the first option in which the run that wrote `ckpt` was
+    configured otherwise than `cfg` (the device may differ; what the data set sets is not
+    compared); None when the configurations agree (--resume, and `mixq sweep` finding a run)."""
     try:
-        saved = TrainConfig.from_dict(state["config"]).to_dict()
+        saved = TrainConfig.from_dict(ckpt["config"]).to_dict()
     except (ValueError, TypeError) as e:
         raise TrainError(f"{ckpt_path}: checkpoint config is not a mixq config ({e})") from None
     wanted = cfg.to_dict()
@@ -70,11 +80,7 @@ def resume_state(ckpt_path: Path, cfg: TrainConfig) -> dict:
         d["data_dir"] = os.path.abspath(d["data_dir"]) if d["data_dir"] else d["data_dir"]
     derived = {"device"} | DERIVED         # device may change; the others come from the data
     differ = [k for k in wanted if k not in derived and saved[k] != wanted[k]]
-    if differ:
-        k = differ[0]
-        raise TrainError(f"{ckpt_path}: --resume with a different configuration than the run's "
-                         f"({k}: run has {saved[k]!r}, now {wanted[k]!r})")
-    return state
+    return f"{differ[0]}: run has {saved[differ[0]]!r}, now {wanted[differ[0]]!r}" if differ else None
 
 
 def save_checkpoint(path: Path, model, cfg: TrainConfig, epoch: int, history: list, opts: dict, scheds: dict,

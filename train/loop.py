@@ -6,6 +6,8 @@ RUN_DIR/metrics.json    accuracy of the hardened model (and, with the `mixq trai
                         under integer simulation), bits, compression, per-layer table
 RUN_DIR/history.csv     per epoch: loss, accuracy, beta, precision (avg and per layer)
 RUN_DIR/precision.png   per-layer precision over epochs;  RUN_DIR/bits.png final bit-widths
+RUN_DIR/sensitivity.json, .png   mixed methods: the loss change when one layer loses or gains a
+                        bit (train.sensitivity), measured after the rest is written
 
 Under torchrun (WORLD_SIZE > 1) every process trains on its DistributedSampler shard with the
 model wrapped in DistributedDataParallel; `--batch-size` is per process (as in torchvision's
@@ -29,7 +31,7 @@ from tqdm import tqdm
 
 from mixq import data as datasets
 from mixq import fsio
-from mixq.train import quant
+from mixq.train import quant, sensitivity
 from mixq.train.budget import layer_facts, measures
 from mixq.train.checkpoint import TRAINING_FACTS, config_facts, resume_state, restore_model, save_checkpoint
 from mixq.train.config import TrainConfig, build
@@ -166,18 +168,22 @@ def train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, c
     # nothing that matters numerically and makes Adam on the bit logits ~8x faster. The mode is
     # per thread: OpenMP workers inherit it only if they start after this line, as they do in
     # `mixq train` (here, before any parallel torch op of the process).
+    cfg.validate()
+    # one run per directory (rank 0 holds it under torchrun), released when the run ends,
+    # however it ends: explicitly, because a reference cycle through _train's frame would keep
+    # it until the garbage collector runs (`mixq sweep` trains many runs in one process)
+    lock = fsio.DirLock(Path(out_dir), TrainError) if os.environ.get("RANK", "0") == "0" else None
     torch.set_flush_denormal(True)
     try:
         return _train(cfg, out_dir, resume, evaluate, check)
     finally:
         torch.set_flush_denormal(False)
+        if lock is not None:
+            lock.release()
 
 
 def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, check=None) -> dict:
-    cfg.validate()
     out = Path(out_dir)
-    # one run per directory (rank 0 holds it under torchrun); released when _train returns or the process ends
-    _lock = fsio.DirLock(out, TrainError) if os.environ.get("RANK", "0") == "0" else None
     ckpt_path = out / "checkpoint.pt"
     sub_runs = cfg.method_class().sub_runs(cfg)
     # a run killed during its warm-up or a sub-run has no checkpoint of its own yet: it resumes that
@@ -189,7 +195,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
     spec = datasets.load(cfg.dataset, cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.seed, cfg.input_size)
     cfg.num_classes, cfg.input_shape, cfg.classes = spec.num_classes, spec.input_shape, spec.classes
     torch.manual_seed(cfg.seed)
-    calib = calibration_images(spec)
+    calib = datasets.calibration_images(spec)
     if state is None:
         model, method = build(cfg, init)
         if check is not None:
@@ -257,6 +263,9 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool = False, evaluate=None, 
         save_checkpoint(ckpt_path, model, cfg, cfg.epochs - 1, history, opts, scheds,
                         {k: metrics.get(k) for k in TRAINING_FACTS})
         write_reports(out, metrics, history)
+        if method.mixed:        # why the method allocated its bits: RUN/sensitivity.{json,png}
+            result = sensitivity.measure(model, method, *calib)
+            sensitivity.write(out, result, sensitivity.title_of(cfg, result))
     if proc.world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -373,7 +382,7 @@ def restore_optimizers(opts: dict, scheds: dict, state: dict, ckpt_path: Path):
         raise TrainError(f"{ckpt_path}: optimizer state does not match the model ({str(e)[:120]})") from None
 
 
-REPORTS = ("checkpoint.pt", "metrics.json", "history.csv", "precision.png", "bits.png")
+REPORTS = ("checkpoint.pt", "metrics.json", "history.csv", "precision.png", "bits.png") + sensitivity.FILES
 
 
 def clear_reports(out: Path):
@@ -381,13 +390,6 @@ def clear_reports(out: Path):
     directory never mixes two runs (e.g. an old metrics.json beside a new, unfinished run)."""
     for name in REPORTS:
         (out / name).unlink(missing_ok=True)
-
-
-def calibration_images(spec, n: int = 2048):
-    """The first n training images and labels (no augmentation): the same on every process."""
-    n = min(len(spec.train), n)
-    return (torch.stack([spec.train[i][0] for i in range(n)]),
-            torch.tensor([int(spec.train[i][1]) for i in range(n)]))
 
 
 def calibrate(model, x, cfg: TrainConfig):

@@ -111,6 +111,32 @@ class BSQMixin:
         self.bit_planes_neg.copy_(binary_planes((-q).clamp(min=0)))
         self._set_span(lo, hi)
 
+    # one bit fewer or more, as BSQ moves a plane (train/sensitivity.py measures what each costs)
+    @torch.no_grad()
+    def one_bit_fewer(self):
+        """(q, scale) with the bottom plane removed as BSQ's precision adjustment removes one:
+        the integer weight rounded onto the span one plane narrower (respan); None at one plane."""
+        lo, hi = self.span()
+        if lo == hi:
+            return None
+        q = respan(self.integer_weight()[0] << lo, lo + 1, hi) >> (lo + 1)
+        return q, float(self.scale.detach().abs() / LEVELS * 2 ** (lo + 1))
+
+    @torch.no_grad()
+    def one_bit_more(self):
+        """(q, scale) with one plane more: below the span where there is one (half the step: the
+        continuous planes' sum, which the forward rounds to the span, rounded one plane finer),
+        else above it (the same step, twice the range); None with all 8 planes kept."""
+        lo, hi = self.span()
+        v, qmax = self._digits_sum()
+        wider = 2 * qmax + 1
+        if lo > 0:
+            q = torch.clamp(torch.round(2 * v), -wider, wider)
+            return q.long().cpu(), float(self.scale.detach().abs() / LEVELS * 2 ** (lo - 1))
+        if hi < N_BITS - 1:
+            return torch.clamp(torch.round(v), -wider, wider).long().cpu(), float(self.step().detach())
+        return None
+
     @torch.no_grad()
     def removal_cost(self, lo: int, hi: int) -> float:
         """Relative L2 change of the weight if the span became [lo, hi] (0: the planes dropped are empty)."""

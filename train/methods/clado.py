@@ -48,12 +48,36 @@ class CLADOMixin:
         self.register_buffer("bits", torch.tensor(self.weight_bits, device=self.weight.device))
         self.register_buffer("searched", torch.tensor(False, device=self.weight.device))
 
+    @torch.no_grad()
+    def fitted_scale(self, bits: int) -> torch.Tensor:
+        """The scale at `bits` storage bits that best fits the current weights (quant.best_clip)."""
+        return quant.best_clip(self.weight.detach(), bits - 1, self.scale.ndim > 0) / (2 ** (bits - 1) - 1)
+
     def set_bits(self, bits: int):
         """Switch to `bits` storage bits with the scale that best fits the current weights."""
         with torch.no_grad():
             self.weight_bits = int(bits)
             self.bits.fill_(int(bits))
-            self.scale.copy_(quant.best_clip(self.weight.detach(), bits - 1, self.scale.ndim > 0) / self.qmax)
+            self.scale.copy_(self.fitted_scale(bits))
+
+    @torch.no_grad()
+    def at_bits(self, bits: int):
+        """(q, scale) of the weights at `bits` storage bits as set_bits would make them (the
+        layer itself unchanged); a per-channel scale is a list."""
+        qmax = 2 ** (bits - 1) - 1
+        s = self.fitted_scale(bits)
+        q = torch.clamp(torch.round(self.weight.detach() / self._scale_view(s)), -qmax, qmax).long()
+        return q.cpu(), (s.cpu().double().tolist() if s.ndim else float(s))
+
+    # one bit fewer or more, as CLADO switches a layer's precision (train/sensitivity.py)
+    def one_bit_fewer(self):
+        """(q, scale) one magnitude bit lower, re-fitted as CLADO switches precision (set_bits);
+        None at one magnitude bit."""
+        return self.at_bits(self.weight_bits - 1) if self.weight_bits > 2 else None
+
+    def one_bit_more(self):
+        """(q, scale) one magnitude bit higher, likewise; None at CLADO's ceiling (WARMUP_BITS)."""
+        return self.at_bits(self.weight_bits + 1) if self.weight_bits < WARMUP_BITS else None
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -177,8 +201,7 @@ class CLADO(Method):
         was_training = self.model.training
         self.model.eval()
         warm = [layer.scale.detach().clone() for layer in layers]
-        scales = {(i, p): quant.best_clip(layer.weight.detach(), p, layer.scale.ndim > 0) / (2 ** p - 1)
-                  for i, layer in enumerate(layers) for p in choices}
+        scales = {(i, p): layer.fitted_scale(p + 1) for i, layer in enumerate(layers) for p in choices}
 
         def use(i, p, scale):
             layers[i].weight_bits = p + 1

@@ -187,9 +187,12 @@ class CSQMixin:
         q, step = self._hard_integers()
         return step * q.to(step.dtype)
 
-    def _hard_integers(self):
+    def _hard_integers(self, kept=None):
+        """(integers in units of the 8-bit step, that step) of the hardened weight with the
+        bit positions `kept` ([8] bool; default: the mask's)."""
+        kept = self.kept_mask() if kept is None else kept
         digits = (self.bit_logits_pos.detach() >= 0).long() - (self.bit_logits_neg.detach() >= 0).long()
-        coef = torch.where(self.kept_mask(), 2 ** torch.arange(N_BITS, device=digits.device), 0)
+        coef = torch.where(kept, 2 ** torch.arange(N_BITS, device=digits.device), 0)
         return torch.tensordot(coef, digits, dims=1), (self.scale.detach() / (2 ** N_BITS - 1))
 
     def mask_penalty(self):
@@ -221,17 +224,44 @@ class CSQMixin:
         return BitInfo.from_kept(self.kept_bits())
 
     @torch.no_grad()
-    def integer_weight(self):
+    def integer_weight(self, kept=None):
         """Hardened weight as exact integers: W_hard = scale * q, with 2^lowest kept bit folded
-        into the scale (the float32 scale times an 8-bit integer is exact in float64)."""
-        q, step = self._hard_integers()
-        kept = self.kept_bits()
-        low = kept[0] if kept else 0
+        into the scale (the float32 scale times an 8-bit integer is exact in float64).
+        kept ([8] bool): the layer with those bit positions kept instead of the mask's."""
+        kept = self.kept_mask() if kept is None else kept
+        q, step = self._hard_integers(kept)
+        positions = kept.nonzero().flatten().tolist()
+        low = positions[0] if positions else 0
         scale = float(step) * 2 ** low
         q = q >> low
         if scale < 0:                                     # s is trainable; keep the scale positive
             q, scale = -q, -scale
         return q.cpu(), scale
+
+    # one bit fewer or more, as CSQ moves a bit (train/sensitivity.py measures what each costs)
+    @torch.no_grad()
+    def one_bit_fewer(self):
+        """(q, scale) with the lowest kept bit dropped (its mask gate shut: the plane's digits
+        are cut off, not rounded, as when CSQ's mask drops it); None at one kept bit."""
+        kept = self.kept_mask().clone()
+        positions = kept.nonzero().flatten().tolist()
+        if len(positions) <= 1:
+            return None
+        kept[positions[0]] = False
+        return self.integer_weight(kept)
+
+    @torch.no_grad()
+    def one_bit_more(self):
+        """(q, scale) with one more bit opened, with the digits its bit logits hold there (they
+        learn little under a shut gate): the bit below the lowest kept one (a finer step) or, when
+        that is bit 0, the lowest shut bit (a gap in the kept set, or the bit above it); None when
+        all 8 bits are kept."""
+        kept = self.kept_mask().clone()
+        positions = kept.nonzero().flatten().tolist()
+        if not positions or len(positions) == N_BITS:
+            return None
+        kept[positions[0] - 1 if positions[0] > 0 else int((~kept).nonzero()[0])] = True
+        return self.integer_weight(kept)
 
 
 class CSQConv2d(CSQMixin, nn.Conv2d):
