@@ -80,6 +80,25 @@ def test_clado_moves_a_bit_as_set_bits_switches_precision(per_channel):
     assert layer.one_bit_more() is None
 
 
+def test_sdq_moves_a_bit_by_requantizing_its_float_weight_at_the_next_bit_width():
+    from mixq.train.methods import sdq
+    torch.manual_seed(0)
+    layer = sdq.SDQConv2d.from_float(nn.Conv2d(3, 6, 3, bias=False)).eval()
+    layer.fix(4)
+    fewer, more = layer.one_bit_fewer(), layer.one_bit_more()
+    for bits, move in ((3, fewer), (5, more)):
+        layer.fix(bits)                 # the layer fixed at that bit-width holds exactly the move's integers
+        q, scale = layer.integer_weight()
+        assert torch.equal(move[0], q) and move[1] == scale
+        assert torch.equal(layer.sdq_weight().detach(), q.float() * torch.tensor(scale, dtype=torch.float32))
+    assert fewer[0].abs().max() <= 3 and more[0].abs().max() <= 15
+    layer.fix(sdq.LOW_BITS)
+    assert layer.one_bit_fewer() is None and layer.one_bit_more() is not None
+    layer.fix(sdq.TOP_BITS)
+    assert layer.one_bit_more() is None
+    assert sensitivity.rule(layer)["plus"].startswith("at one storage bit more")
+
+
 def test_a_layer_without_moves_gets_the_generic_rule():
     class Plain(nn.Module):         # a method's layer that knows nothing of sensitivity
         def __init__(self, q, scale, storage):

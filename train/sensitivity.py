@@ -18,7 +18,8 @@ move does not exist): CSQ shuts the gate of its lowest kept bit (the plane is cu
 mask drops it) or opens one more, with the digits its bit logits hold there; BSQ
 removes its bottom plane as its precision adjustment does (the integers rounded onto the
 narrower span) or adds the plane below its span from its continuous planes (above, at bit 0);
-CLADO switches the layer as it switches precision (the scale re-fitted, quant.best_clip). A
+CLADO switches the layer as it switches precision (the scale re-fitted, quant.best_clip);
+SDQ re-quantizes its float weight at one storage bit fewer or more over its learned clip. A
 layer that answers neither (a method added later) gets the method-independent rule: its
 integer weight rounded half away from zero to half the levels at twice the step for one bit
 fewer, and no entry for one bit more (its integers hold nothing finer). `bits` is the layer's

@@ -197,12 +197,26 @@ class SDQMixin:
         return BitInfo.from_kept(range(int(self.chosen_bits()) - 1))
 
     @torch.no_grad()
-    def integer_weight(self):
-        """(q, s) with sdq_weight() == s * q exactly when not drawing: the same float32 step and rounding."""
-        qmax = 2.0 ** (self.chosen_bits() - 1) - 1
+    def integer_weight(self, bits: int | None = None):
+        """(q, s) with sdq_weight() == s * q exactly when not drawing: the same float32 step and
+        rounding (at `bits` storage bits instead of the chosen ones: the sensitivity moves)."""
+        bits = self.chosen_bits() if bits is None else self.bits.new_tensor(bits)
+        qmax = 2.0 ** (bits - 1) - 1
         step = (self.clip.detach().abs() + CLIP_EPS) / qmax
         q = torch.clamp(torch.round(self.weight.detach() / step), -qmax, qmax).long()
         return q.cpu(), float(step)
+
+
+    def one_bit_fewer(self):
+        """(q, scale) at one storage bit fewer, the float weight re-quantized over the same clip
+        as SDQ's lower bit-width of a pair is; None at its fewest (LOW_BITS)."""
+        bits = int(self.chosen_bits())
+        return self.integer_weight(bits - 1) if bits > LOW_BITS else None
+
+    def one_bit_more(self):
+        """(q, scale) at one storage bit more, likewise; None at its most (TOP_BITS)."""
+        bits = int(self.chosen_bits())
+        return self.integer_weight(bits + 1) if bits < TOP_BITS else None
 
 
 class SDQConv2d(SDQMixin, nn.Conv2d):
