@@ -275,7 +275,8 @@ def write_results(rows: list, points: list, args, prefix: Path):
     done = [r for r in grid if "accuracy" in r]
     cfg = points[-1].cfg
     settings = {k: getattr(cfg, k) for k in ("epochs", "batch_size", "act_bits", "seed", "train_subset", "test_subset",
-                                              "recipe", "data_dir")}
+                                              "recipe")}
+    settings["data_dir"] = getattr(args, "data_dir", None)      # as given: the results may be committed
     meta = {"command": command(args), "model": args.model, "dataset": args.dataset, "settings": settings,
             "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "runs_planned": len(points), "runs_done": sum(r["status"] == "done" for r in rows), "runs": rows}
