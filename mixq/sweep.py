@@ -19,8 +19,8 @@ registered later sweeps as they do. The references, trained with the same option
 - float: mixq trains no float network (every weight layer of a run is a method's quantized
   layer: freeze reads its integers), so the reference is the nearest run it has,
   `ste-uniform --weight-bits 8 --act-bits 32`: float activations and 8-bit weights on a
-  per-layer scale (an 8-bit grid is within noise of float32 for these nets). It has no
-  integer program (float activations), so it is trained and not deployed.
+  per-layer scale (how far that is from a float32 network is not measured). It has no integer
+  program (float activations), so it is trained and not deployed.
 
 Resumable at every step, each step's artifact being written whole or not at all (mixq/fsio.py):
 a run with metrics.json is trained (its configuration must be the sweep's, else one line before
