@@ -60,14 +60,10 @@ class CLADOMixin:
             self.bits.fill_(int(bits))
             self.scale.copy_(self.fitted_scale(bits))
 
-    @torch.no_grad()
     def at_bits(self, bits: int):
         """(q, scale) of the weights at `bits` storage bits as set_bits would make them (the
         layer itself unchanged); a per-channel scale is a list."""
-        qmax = 2 ** (bits - 1) - 1
-        s = self.fitted_scale(bits)
-        q = torch.clamp(torch.round(self.weight.detach() / self._scale_view(s)), -qmax, qmax).long()
-        return q.cpu(), (s.cpu().double().tolist() if s.ndim else float(s))
+        return self.integer_weight(bits, self.fitted_scale(bits))
 
     # one bit fewer or more, as CLADO switches a layer's precision (train/sensitivity.py)
     def one_bit_fewer(self):

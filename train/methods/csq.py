@@ -515,19 +515,27 @@ class CSQ(Method):
         final. Without --bit-beta-soft (the paper), or with the mask never final
         (--mask-hard-at 1), and in the finetune phase (mask frozen, beta rewound), the bits
         follow beta."""
-        if self.bit_beta_soft is None or epoch >= self.epochs or self.mask_hard_at >= 1:
+        window = self.anneal_window()
+        if window is None or epoch >= self.epochs:
             return self.schedule(epoch)[0]
-        h = self.mask_hard_at * self.epochs
-        if epoch < h:
+        start, length = window
+        if epoch < start:
             return float(self.bit_beta_soft)
-        u = min((epoch - h) / ((self.epochs - h) * BIT_ANNEAL), 1.0)
+        u = min((epoch - start) / length, 1.0)
         return float(self.bit_beta_soft * (self.beta_max / self.bit_beta_soft) ** u)
 
-    def anneal_steps(self, steps_per_epoch: int) -> float | None:
-        """Optimizer steps in the bit gates' anneal (bit_schedule); None without one."""
+    def anneal_window(self) -> tuple[float, float] | None:
+        """(first epoch, epochs) of the bit gates' anneal (bit_schedule): from the step the mask is
+        final, BIT_ANNEAL of the rest of the search; None when the bits follow beta."""
         if self.bit_beta_soft is None or self.mask_hard_at >= 1:
             return None
-        return self.epochs * steps_per_epoch * (1 - self.mask_hard_at) * BIT_ANNEAL
+        start = self.mask_hard_at * self.epochs
+        return start, (self.epochs - start) * BIT_ANNEAL
+
+    def anneal_steps(self, steps_per_epoch: int) -> float | None:
+        """Optimizer steps in the bit gates' anneal; None without one."""
+        window = self.anneal_window()
+        return None if window is None else window[1] * steps_per_epoch
 
     def advice(self, steps_per_epoch: int) -> list:
         steps = self.anneal_steps(steps_per_epoch)

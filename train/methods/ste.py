@@ -48,11 +48,13 @@ class STEMixin:
         return BitInfo.from_kept(range(self.weight_bits - 1))
 
     @torch.no_grad()
-    def integer_weight(self):
+    def integer_weight(self, bits: int | None = None, scale=None):
         """(q, s) with ste_weight() == s * q exactly: the same float32 scale and rounding; s a
-        float, or a list of floats (one per output channel) with per-channel scales."""
-        s = self.scale.detach().abs() + 1e-12
-        q = torch.clamp(torch.round(self.weight.detach() / self._scale_view(s)), -self.qmax, self.qmax).long()
+        float, or a list of floats (one per output channel) with per-channel scales. `bits`,
+        `scale`: the weights at those storage bits and that scale instead (CLADO's moves)."""
+        qmax = self.qmax if bits is None else 2 ** (bits - 1) - 1
+        s = (self.scale if scale is None else scale).detach().abs() + 1e-12
+        q = torch.clamp(torch.round(self.weight.detach() / self._scale_view(s)), -qmax, qmax).long()
         return q.cpu(), (s.cpu().double().tolist() if s.ndim else float(s))
 
 
