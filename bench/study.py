@@ -13,6 +13,9 @@ deployed (bit-exact check and accuracy of the integer program on the whole test 
 Runs live in ~/.cache/mixq/study (outside the work tree: a study spans sessions and checkouts).
 Resumable at every level: a row with a deploy report is done; a row with a checkpoint resumes
 its training (`mixq train --resume`, epoch by epoch); a killed study restarts where it stopped.
+A row already in docs/study.json with the same settings (epochs, images, batch, act bits) is
+kept as recorded when its run directory is gone: a study outlives the machine it started on,
+and its committed rows are the record (delete the row from docs/study.json to train it again).
 After the seed-0 grid, the rows of every comparison closer than a point get a second seed.
 docs/study.json, docs/study.md and docs/study.png are rewritten after every row, so a partial
 study shows what is done.
@@ -127,6 +130,16 @@ def do_row(spec, seed, args) -> dict:
             "train_seconds": m["train_seconds"], "run": d.name}
 
 
+def recorded(args) -> dict:
+    """The rows of a previous docs/study.json measured with these settings, by (spec, seed)."""
+    try:
+        meta = json.loads((args.out / "study.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    same = all(meta.get(k) == getattr(args, k) for k in ("epochs", "train_images", "batch_size", "act_bits"))
+    return {(key(r), r["seed"]): r for r in meta.get("rows", [])} if same else {}
+
+
 def key(row) -> tuple:
     return row["method"], row["target_bits"], row["weight_bits"], row["recipe"]
 
@@ -233,10 +246,15 @@ def main():
     args = p.parse_args()
     if not Path(args.data).exists():
         sys.exit(f"study: {args.data}: no CIFAR-10 data (pass --data or set STUDY_DATA)")
-    rows = []
+    done, rows = recorded(args), []
     for seed, specs in ((0, RUN_ORDER), (1, None)):
         for spec in specs if specs is not None else second_seeds(rows):
-            rows.append(do_row(spec, seed, args))
+            name = row_name(*spec, seed)
+            if (spec, seed) in done and not (args.runs / name / "build-host" / "report.json").exists():
+                print(f"study: {name} kept from {args.out / 'study.json'} (its run directory is gone)", flush=True)
+                rows.append(done[spec, seed])
+            else:
+                rows.append(do_row(spec, seed, args))
             write(rows, args)
     print(f"study: {len(rows)} rows in {args.out / 'study.md'}")
 

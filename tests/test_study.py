@@ -49,3 +49,28 @@ def test_results_are_written_atomically_and_a_full_disk_is_one_line(study, tmp_p
     with pytest.raises(study.StudyError, match="no space left on device writing .*study.json"):
         study.write(rows, args)
     assert sorted(p.name for p in args.out.iterdir()) == ["study.json", "study.md", "study.png"]     # no temp left
+
+
+def test_rows_recorded_with_the_same_settings_are_kept_when_their_run_directory_is_gone(study, tmp_path, monkeypatch):
+    import json
+    import sys
+
+    docs, data = tmp_path / "docs", tmp_path / "cifar10.tar.gz"
+    docs.mkdir()
+    data.write_bytes(b"")
+    old = {**row("csq", 3, None, 70.0), "run": "csq-t3-s0"}
+    meta = {"epochs": 20, "train_images": 20000, "batch_size": 128, "act_bits": 8, "rows": [old]}
+    (docs / "study.json").write_text(json.dumps(meta))
+    trained, written = [], []
+    monkeypatch.setattr(study, "do_row", lambda spec, seed, args: trained.append((spec, seed)) or row(*spec[:3], 60.0))
+    monkeypatch.setattr(study, "write", lambda rows, args: written.append(list(rows)))
+    argv = ["study.py", "--data", str(data), "--runs", str(tmp_path / "runs"), "--out", str(docs)]
+    monkeypatch.setattr(sys, "argv", argv)
+    study.main()
+    assert (study.CSQ3, 0) not in trained and len([t for t in trained if t[1] == 0]) == len(study.GRID) - 1
+    assert old in written[-1]
+    # other settings: the recorded row is not theirs, every row is trained
+    trained.clear()
+    monkeypatch.setattr(sys, "argv", argv + ["--epochs", "30"])
+    study.main()
+    assert (study.CSQ3, 0) in trained
