@@ -10,6 +10,11 @@ def test_the_grid_has_the_issues_rows_with_unique_run_names(study):
     names = {study.row_name(*spec, seed=0) for spec in study.GRID}
     assert len(names) == len(study.GRID) == 6 + 5 + 4 + 1
     assert "csq-t3-s0" in names and "ste-uniform-w4-s0" in names and "csq-paper-t3-s0" in names
+    # every row once; after the first comparisons, the rows outside the CSQ family come first
+    assert sorted(study.RUN_ORDER, key=str) == sorted(study.GRID, key=str)
+    rest = study.RUN_ORDER[len(study.FIRST):]
+    family = [spec[0].startswith("csq") for spec in rest]
+    assert family == sorted(family) and any(family) and not all(family)
 
 
 def test_close_pairs_get_a_second_seed_and_targets_are_checked(study):
