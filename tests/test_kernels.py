@@ -17,7 +17,10 @@ from tvm import relax  # noqa: E402
 from mixq.compile import build, kernels, x86  # noqa: E402
 from mixq.compile.registry import Unsupported  # noqa: E402
 
-VNNI_TARGET = {"kind": "llvm", "mcpu": "sapphirerapids", "num-cores": 2}
+# CPUs whose features every AVX512-VNNI host has (Intel from Cascade Lake, AMD from Zen 4): a newer
+# model's (sapphirerapids: AVX-VNNI, AVX512-FP16) let LLVM emit instructions Zen 4 lacks, and the
+# tests died of SIGILL there
+VNNI_TARGET = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
 AVX2_TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
 
 
