@@ -167,7 +167,12 @@ def test_peer_meets_the_budget_on_digits_and_freezes_exactly(method, peer_runs, 
     n = len(m["layers"])
     assert m["method"] == method and m["target_bits"] == 3.0
     assert 3.0 - max(0.15, 1 / n) - 1e-9 <= m["avg_bits"] <= 3.0 + 1e-9, m["layers"]
-    assert len({tuple(r["kept_bits"]) for r in m["layers"]}) > 1, "expected a mixed-precision result"
+    if method == "bsq":
+        # CLADO may rightly choose one precision for every layer: its allocation is the exact
+        # argmin of its measured sensitivities (test_clado_solver_is_exact_on_small_programs), and
+        # on digits-cnn the uniform 3 bits is that argmin on some hosts (an Intel CI host) and not
+        # on others (float sums differ); BSQ's pruning always leaves the layers apart here
+        assert len({tuple(r["kept_bits"]) for r in m["layers"]}) > 1, "expected a mixed-precision result"
     assert m["accuracy"] >= 95.0 and m["int_accuracy"] >= m["accuracy"] - 1.0
     # the checkpoint restores to the same bits; freeze's golden program == integer simulation
     model, meth, cfg = restore_model(load_checkpoint(run / "checkpoint.pt"))
