@@ -613,8 +613,9 @@ class AddKernel:
 class PoolKernel:
     """avgpool (window sum, rq, clip) or maxpool on packed 8-bit tensors, zero padding (the
     stored zero). A maxpool's output is stored as its input (max commutes with the offset);
-    an avgpool's is an unsigned activation, stored with `out_offset` (a signed input's offset
-    is not an unsigned output's: x86 stores int8 values as x + 128, uint8 ones as they are)."""
+    an avgpool's is an activation of its own, unsigned or signed (`out_signed`), stored with
+    `out_offset` (the input's offset need not be the output's: x86 stores int8 values as
+    x + 128, uint8 ones as they are)."""
     kind: str               # avgpool | maxpool
     shape: tuple            # packed input shape
     dtype: str              # storage of input and output
@@ -624,6 +625,7 @@ class PoolKernel:
     padding: int
     out_bits: int
     out_offset: int         # avgpool: the output's offset
+    out_signed: bool = False    # avgpool: symmetric clip (graph.out_range)
 
     def tensors(self):
         n, cc, h, w, b = _dims(self.shape)
@@ -642,7 +644,8 @@ class PoolKernel:
             xp[i, c, y * s + ry, z * s + rx, cb].astype("int32"), axis=[ry, rx]), name="pool")
         corr = self.offset * k * k
         out = te.compute(total.shape, lambda *idx: _store(_rq(_i64(total[idx]) - corr, mult[0], shift[0]),
-                                                          self.out_bits, self.dtype, self.out_offset),
+                                                          self.out_bits, self.dtype, self.out_offset,
+                                                          self.out_signed),
                          name="pool_rq")
         return [x, mult, shift, out]
 

@@ -381,15 +381,16 @@ def lower_pool(ctx, op: G.Op, inputs):
     if op.kind == "avgpool":
         if np.size(op.arrays["multiplier"]) != 1 or np.size(op.arrays["shift"]) != 1:
             raise Unsupported(f"layer '{op.name}': per-channel avgpool multiplier")
-        # an unsigned activation whatever the input (a signed one: window sum - offset * k^2)
-        offset, bound = _activation(isa, op, a["out_bits"], False)
+        # unsigned, or signed (out_signed), whatever the input (a signed one: window sum - offset * k^2)
+        signed = bool(a.get("out_signed", False))
+        offset, bound = _activation(isa, op, a["out_bits"], signed)
         _check_bound(op.name, src.max_abs * k * k, "the window sum")
         consts = [relax.const(np.asarray(op.arrays["multiplier"], np.int32).reshape(1)),
                   relax.const(np.asarray(op.arrays["shift"], np.int32).reshape(1))]
     else:
-        offset, bound = src.offset, src.max_abs
+        offset, bound, signed = src.offset, src.max_abs, False
     kernel = PoolKernel(op.kind, src.shape(ctx.kernel_batch), src.dtype, src.offset, k, s, p, a.get("out_bits", 8),
-                        offset)
+                        offset, signed)
     v = PackedValue(src.dtype, src.channels, ho, wo, src.block, bound, offset)
     v.emit = lambda: ctx.call_kernel(kernel, [src.var] + consts, v.shape(ctx.kernel_batch), v.dtype, op.output)
     return _now(v)

@@ -358,8 +358,6 @@ class _Builder:
         signed = isinstance(m, quant.SignedQuant)
         dtype, out_attrs = ("int8", {"out_bits": bits, "out_signed": True}) if signed else ("uint8", {"out_bits": bits})
         if isinstance(x, Acc):
-            if signed and x.kind == "avgpool":
-                raise FreezeError(f"layer '{name}': a signed activation after average pooling is not supported")
             self._constant_channels(x, out_scale, (-m.levels if signed else 0, m.levels))
             real = x.scale / out_scale
             if x.kind == "avgpool":       # one multiplier: the pool's divisor and scale ratio

@@ -13,7 +13,8 @@ shapes below omit the batch dimension.
     linear  same as conv2d for 2-D tensors
     add     n-ary: y = clip(sum_i rq(x_i, M_i, s_i), 0, 2^bits - 1), M_i/s_i per channel
             (out_signed: clip to +-(2^(bits-1) - 1), int8)
-    avgpool y = clip(rq(window_sum, M, s), 0, 2^bits - 1)
+    avgpool y = clip(rq(window_sum, M, s), 0, 2^bits - 1) (out_signed: +-(2^(bits-1) - 1), int8:
+            the average of a signed input, e.g. MobileNetV3's Hardswish before its global pool)
     maxpool integer max over zero-padded windows (for uint8 inputs the same as -inf padding)
     flatten NCHW -> N(C*H*W), row-major
     concat  channel concatenation of requantized inputs: y = [clip(rq(x_i, M_i, s_i))]_i along C
@@ -125,10 +126,6 @@ def quantize_multiplier(real: np.ndarray, name: str = "?") -> tuple[np.ndarray, 
     return mult.astype(np.int32), shift.astype(np.int32)
 
 
-def clip_bits(x: np.ndarray, bits: int) -> np.ndarray:
-    return np.clip(x, 0, (1 << bits) - 1)
-
-
 def out_range(attrs: dict) -> tuple[int, int, str]:
     """(lo, hi, dtype) of a requantizing op's output: uint8 [0, 2^bits - 1] (the ReLU clip), or
     with attr out_signed int8 [-(2^(bits-1) - 1), 2^(bits-1) - 1] (symmetric, like the input:
@@ -229,7 +226,7 @@ def np_avgpool(op, x):
     win = _windows(x.astype(np.int64), a["kernel"], a["stride"], a.get("padding", 0))
     s = win.sum(axis=(4, 5))
     y = rq(s, op.arrays["multiplier"], op.arrays["shift"])
-    return clip_bits(y, op.attrs["out_bits"]).astype(np.uint8)
+    return clip_out(y, op.attrs)
 
 
 def np_maxpool(op, x):
@@ -537,7 +534,7 @@ def _infer_shape(op: Op, ins: list, out: TensorInfo) -> tuple:
         _expect(len(x) == 3 and x[1] + 2 * p >= k and x[2] + 2 * p >= k, op, f"window {k} does not fit input {x}")
         if op.kind == "avgpool":
             _check_requant(op, "multiplier", "shift", x[0])
-            _check_out_bits(op, out, signed_ok=False)
+            _check_out_bits(op, out)
         else:
             _expect(out.dtype == ins[0].dtype, op, "output dtype must equal the input's")
         return (x[0], _out_size(x[1], k, s, p), _out_size(x[2], k, s, p))
@@ -644,7 +641,7 @@ def value_bounds(graph: IntGraph) -> dict:
         elif op.kind == "avgpool":
             acc = xs[0] * op.attrs["kernel"] ** 2
             acc_bounds[op.name] = acc
-            out = (1 << op.attrs["out_bits"]) - 1
+            out = out_range(op.attrs)[1]
         elif op.kind == "concat":
             out = out_range(op.attrs)[1]            # each input is 8-bit: rq's product fits int64
         elif op.kind == "lut":

@@ -57,7 +57,7 @@ def t_avgpool(op, arrays, x):
     k = a["kernel"]
     s = F.avg_pool2d(x.to(torch.float64), k, a["stride"], a.get("padding", 0), count_include_pad=True) * (k * k)
     y = rq(torch.round(s).to(torch.int64), arrays["multiplier"], arrays["shift"])
-    return y.clamp(0, (1 << a["out_bits"]) - 1).to(torch.uint8)
+    return _clip_out(y, a)
 
 
 def t_maxpool(op, arrays, x):

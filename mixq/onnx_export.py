@@ -9,7 +9,7 @@ DequantizeLinear and QuantizeLinear, as ONNX Runtime's own quantizer writes them
                      [-> Clip to 2^out_bits - 1 steps] -> QuantizeLinear(uint8)
     add           -> per branch: real / out_scale, rounded half up (Floor(v + 0.5)) as the
                      integer add rounds each branch; Add; * out_scale [-> Clip] -> QuantizeLinear
-    avgpool       -> DQ . AveragePool(count_include_pad) [-> Clip] -> QuantizeLinear(uint8)
+    avgpool       -> DQ . AveragePool(count_include_pad) [-> Clip] -> QuantizeLinear(uint8 | int8)
     maxpool       -> DQ . (zero Pad) . MaxPool -> QuantizeLinear;  flatten -> Flatten
     concat        -> per input: real / out_scale rounded half up; Concat; * out_scale -> QuantizeLinear
     lut           -> on the integers: Cast(int64) + offset . Gather(the table, int8|uint8): exact

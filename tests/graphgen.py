@@ -7,7 +7,7 @@ activations of 1-8 bits, per-channel or single multipliers (some negative) and s
 grouped convs, strides and paddings, table lookups (`lut`, on the input or later), residual
 blocks (an add of a raw int32 conv branch and a uint8 or int8 branch, or of two raw branches),
 maxpool (also straight on a signed input, where the contract's zero padding differs from -inf
-padding), avgpool, flatten and linear. About one requantized conv, linear or add in SIGNED_SHARE
+padding), avgpool, flatten and linear. About one requantized conv, linear, add or avgpool in SIGNED_SHARE
 has a signed output (out_signed, int8: a linear bottleneck's), drawn from a stream of its own, so
 a seed's graph has the same structure and draws as without signed outputs (only the values that
 depend on a tensor's range differ).
@@ -186,8 +186,8 @@ class _Builder:
             return self.emit("maxpool", [x], (x.shape[0], ho, wo), x.dtype, x.bits, attrs, {})
         out_bits = int(self.rng.integers(1, 9))
         m, s_ = self.requant(x.shape[0], self.max_abs(x) * k * k / 2, out_bits)
-        attrs["out_bits"] = out_bits
-        return self.emit("avgpool", [x], (x.shape[0], ho, wo), "uint8", out_bits, attrs,
+        dtype, bits = self.requantized(attrs, out_bits)
+        return self.emit("avgpool", [x], (x.shape[0], ho, wo), dtype, bits, attrs,
                          {"multiplier": m, "shift": s_})
 
 

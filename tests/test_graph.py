@@ -355,6 +355,21 @@ def test_avgpool_sums_windows_with_zero_padding(k, stride, pad):
     assert np.array_equal(got.astype(np.int64), want)
 
 
+@pytest.mark.parametrize("bits", [8, 5])
+def test_a_signed_avgpool_keeps_negative_averages_and_clips_symmetrically(bits):
+    """out_signed: the average of an int8 map (a Hardswish's) clipped to +-(2^(bits-1) - 1), int8."""
+    rng = np.random.default_rng(bits)
+    x = rng.integers(-127, 128, size=(2, 3, 6, 6)).astype(np.int8)
+    m, s = G.quantize_multiplier(np.array([3.0 / 4]))          # 3 x the mean of a 2x2 window: some clip
+    op = G.Op("pool", "avgpool", ["x"], "y", {"kernel": 2, "stride": 2, "padding": 0, "out_bits": bits,
+                                              "out_signed": True}, {"multiplier": m, "shift": s})
+    got = golden_and_sim(op, x)
+    hi = (1 << (bits - 1)) - 1
+    want = np.vectorize(lambda v: min(max(ref_rq(int(v), int(m[0]), int(s[0])), -hi), hi))(ref_pool(x, 2, 2, 0, sum))
+    assert got.dtype == np.int8 and np.array_equal(got.astype(np.int64), want)
+    assert (got < 0).any() and (got == -hi).any() and (got == hi).any()
+
+
 @pytest.mark.parametrize("dtype,k,stride,pad", [("uint8", 2, 2, 0), ("uint8", 3, 2, 1), ("int8", 3, 2, 1), ("int8", 2, 1, 1)])
 def test_maxpool_pads_with_zero(dtype, k, stride, pad):
     rng = np.random.default_rng(k + pad)

@@ -102,20 +102,21 @@ class Builder:
         self.max[name] = (1 << (out_bits - 1)) - 1 if signed else (1 << out_bits) - 1
         return name
 
-    def pool(self, src, kind, kernel, stride, padding=0, out_bits=8):
+    def pool(self, src, kind, kernel, stride, padding=0, out_bits=8, signed=False):
         name = f"{kind}{len(self.ops)}"
         c, h, w = self.tensors[src].shape
         shape = (c, (h + 2 * padding - kernel) // stride + 1, (w + 2 * padding - kernel) // stride + 1)
         attrs = {"kernel": kernel, "stride": stride, "padding": padding}
         arrays = {}
+        dtype = self.tensors[src].dtype
         if kind == "avgpool":
-            attrs["out_bits"] = out_bits
+            attrs.update(out_bits=out_bits, **({"out_signed": True} if signed else {}))
             arrays["multiplier"], arrays["shift"] = G.quantize_multiplier(np.array([1.0 / kernel ** 2]), name)
-            bits = out_bits
+            bits, dtype = out_bits, "int8" if signed else "uint8"
         else:
             bits = self.tensors[src].bits
         self.ops.append(G.Op(name, kind, [src], name, attrs, arrays))
-        self._add_tensor(name, shape, "uint8" if kind == "avgpool" else self.tensors[src].dtype, bits)
+        self._add_tensor(name, shape, dtype, bits)
         self.max[name] = self.max[src]
         return name
 
@@ -510,8 +511,9 @@ def signed_bottleneck(seed=51, input_dtype="int8"):
     residual add fused into a 1x1 conv's epilogue (a signed branch) and into a depthwise one's
     (a signed and an unsigned branch: two offsets), a standalone add of a signed and an
     unsigned tensor, and a linear layer (the network output); signed tensors read by a conv, a
-    depthwise conv, a maxpool (zero padding: not -inf for negative values), an avgpool (an 8-bit
-    unsigned output), a flatten of a 2x2 map and a linear layer. 24 channels: padded blocks."""
+    depthwise conv, a maxpool (zero padding: not -inf for negative values), an avgpool (a signed
+    output: the average of a signed map), a flatten of a 2x2 map and a linear layer. 24
+    channels: padded blocks."""
     b = Builder((8, 10, 10), seed, input_dtype)
     s0 = b.conv("input", 24, wbits=6, signed=True)                   # 3x3, 4-channel input blocks
     e = b.conv(s0, 48, k=1, padding=0, wbits=5)                       # expansion of a signed tensor
@@ -526,7 +528,7 @@ def signed_bottleneck(seed=51, input_dtype="int8"):
     dws = b.conv(r2, 24, stride=2, groups=24, wbits=9, out_bits=5, signed=True)
     m = b.pool(dws, "maxpool", 3, 1, padding=1)
     q = b.conv(m, 32, stride=2, out_bits=7, signed=True)
-    a = b.pool(q, "avgpool", 2, 1)
+    a = b.pool(q, "avgpool", 2, 1, out_bits=7, signed=True)
     z = b.conv(a, 16, k=1, padding=0, signed=True)
     return b.graph(b.linear(b.flatten(z), 10, wbits=7, signed=True))
 
@@ -543,7 +545,7 @@ def test_signed_activations_are_bit_exact_on_the_fast_path(make_graph, target):
     any-batch library) and at a fixed batch 2."""
     g = make_graph()
     G.validate(g)
-    assert sum(bool(op.attrs.get("out_signed")) for op in g.ops) == 9
+    assert sum(bool(op.attrs.get("out_signed")) for op in g.ops) == 10
     for batch, runs in ((None, (1, 3)), (2, (2,))):
         lines = []
         mod, info = build.lower_module(g, tvm.target.Target(target), "auto", {"batch": batch}, log=lines.append)
@@ -559,8 +561,8 @@ def test_signed_activations_are_bit_exact_on_the_fast_path(make_graph, target):
 
 def test_signed_outputs_are_stored_as_the_signed_input_is(monkeypatch):
     """The packed values' storage: x86 stores a signed activation as x + 128 in uint8 (an
-    unsigned one as it is), aarch64 sdot as it is in int8 (an unsigned one as a - 128); an
-    avgpool's output is unsigned whatever its input; max_abs bounds the stored values."""
+    unsigned one as it is), aarch64 sdot as it is in int8 (an unsigned one as a - 128), an
+    avgpool's output by its own signedness; max_abs bounds the stored values."""
     from mixq.compile import lower
     g = signed_bottleneck()
     seen = {}

@@ -279,6 +279,38 @@ def test_table_activations_become_modules_with_their_arguments_and_get_quantizer
     assert surgery.unquantized_activations(model) == []
 
 
+def test_an_average_pool_is_signed_where_its_input_may_be_negative():
+    """The pool's quantizer: SignedQuant after a Hardswish, a linear bottleneck (conv + BN), the
+    network input, a pool of one of those (through a maxpool); ActQuant after a ReLU or a sigmoid."""
+    import torch.nn as nn
+
+    from mixq.train import quant, surgery
+    from mixq.train.methods.ste import STEUniform
+
+    class Pools(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2, self.c3 = (nn.Conv2d(1, 4, 3, padding=1) for _ in range(3))
+            self.bn, self.hs, self.relu, self.sig = nn.BatchNorm2d(4), nn.Hardswish(), nn.ReLU(), nn.Sigmoid()
+            self.p_hs, self.p_bn, self.p_in, self.p_in2, self.p_relu, self.p_sig = (nn.AvgPool2d(2) for _ in range(6))
+            self.p_again, self.mp = nn.AdaptiveAvgPool2d(1), nn.MaxPool2d(2)
+            self.fc = nn.Linear(4 * 4 * 16 + 16 + 1, 10)     # 8x8 input: four 4-channel 4x4 maps, a 1-channel one, 1x1
+
+        def forward(self, x):
+            parts = [self.p_hs(self.hs(self.c1(x))), self.p_bn(self.bn(self.c2(x))), self.p_in(x),
+                     self.p_again(self.mp(self.p_in2(x))), self.p_relu(self.relu(self.c3(x))),
+                     self.p_sig(self.sig(self.c3(x)))]
+            return self.fc(torch.cat([p.flatten(1) for p in parts], 1))
+
+    net = surgery.insert_signed_quantizers(Pools(), 8)
+    model = quant.QuantModel(STEUniform(8, 4).prepare(net))
+    assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    after = {n.removeprefix("net."): type(m[1]).__name__ for n, m in model.named_modules()
+             if isinstance(m, nn.Sequential) and isinstance(m[0], (nn.AvgPool2d, nn.AdaptiveAvgPool2d))}
+    assert after == {"p_hs": "SignedQuant", "p_bn": "SignedQuant", "p_in": "SignedQuant", "p_in2": "SignedQuant",
+                     "p_again": "SignedQuant", "p_relu": "ActQuant", "p_sig": "ActQuant"}, after
+
+
 def test_linear_bottlenecks_get_signed_quantizers_where_no_relu_follows():
     from mixq.train import quant
     from mixq.train.surgery import insert_signed_quantizers
@@ -346,15 +378,20 @@ def test_a_hardswish_net_trains_freezes_and_deploys_bit_exact(tmp_path, mixq):
     (tmp_path / "mynet.py").write_text(NET)
     run, frozen, build = tmp_path / "run", tmp_path / "frozen", tmp_path / "build"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ok(mixq("train", "--model", str(tmp_path / "mynet.py") + ":hardswish_net", "--epochs", "8", "--out", run, env=env))
+    ok(mixq("train", "--model", str(tmp_path / "mynet.py") + ":hardswish_net", "--epochs", "15", "--out", run, env=env))
     m = json.loads((run / "metrics.json").read_text())
-    # measured: 95.28 % hardened, 95.56 % integer, 99.44 % agreement
+    # measured (one thread, seeds 0 / 1): 95.83 / 96.39 % hardened, 95.83 / 95.83 % integer,
+    # 100 / 99.17 % agreement; 8 epochs are too few for CSQ's anneal (it warns) and gave 82-84 %
+    # with 97 % agreement on an AMD host
     assert m["accuracy"] > 80 and abs(m["int_accuracy"] - m["accuracy"]) <= 1.0 and m["int_agreement"] >= 98, m
     ok(mixq("freeze", run / "checkpoint.pt", "--out", frozen))
     g = G.load(frozen)
     luts = [o for o in g.ops if o.kind == "lut"]
     assert len(luts) == 7 and {o.attrs["function"] for o in luts} == {"Hardswish()"}
     assert all(g.tensors[o.inputs[0]].dtype == g.tensors[o.output].dtype == "int8" for o in luts)
+    # the global pool averages a Hardswish (negative down to -0.375): a signed average, not clipped at 0
+    (pool,) = [o for o in g.ops if o.kind == "avgpool"]
+    assert pool.attrs.get("out_signed") and g.tensors[pool.inputs[0]].dtype == g.tensors[pool.output].dtype == "int8"
     x = data.test_arrays(data.load("digits"))[0]
     from test_onnx import golden_real_logits, ort_logits
     assert_export_agrees(ort_logits(onnx_export.export(g, False), x), golden_real_logits(g, x))

@@ -273,7 +273,8 @@ def table_output_quantizer(m: nn.Module, act_bits: int) -> nn.Module:
 
 def swap_layers(model: nn.Module, convert, act_bits: int) -> nn.Module:
     """Replace Conv2d/Linear via `convert(module)`, ReLU (ReLU6, Hardtanh(0, c): fixed clip) by
-    ActQuant, follow every average pool with an ActQuant and every other activation (Hardswish,
+    ActQuant, follow every average pool with an ActQuant (a SignedQuant where surgery marked it
+    `signed_output`: its input may be negative) and every other activation (Hardswish,
     GELU, sigmoid...: `table_activation`) with its quantizer (`table_output_quantizer`), so their
     outputs are integer tensors too. Functional activations and modules used twice are made
     modules, one per use, first (train.surgery.one_module_per_activation); a table activation's
@@ -284,8 +285,9 @@ def swap_layers(model: nn.Module, convert, act_bits: int) -> nn.Module:
             setattr(model, name, convert(child))
         elif relu:
             setattr(model, name, ActQuant(act_bits, clip))
-        elif isinstance(child, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
-            setattr(model, name, nn.Sequential(child, ActQuant(act_bits)))
+        elif isinstance(child, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):     # signed: surgery marks it
+            after = SignedQuant(act_bits) if getattr(child, "signed_output", False) else ActQuant(act_bits)
+            setattr(model, name, nn.Sequential(child, after))
         elif table_activation(child):
             setattr(model, name, nn.Sequential(child, table_output_quantizer(child, act_bits)))
         else:

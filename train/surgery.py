@@ -317,8 +317,12 @@ def insert_signed_quantizers(net: nn.Module, act_bits: int) -> nn.Module:
         module becomes nn.Sequential(module, SignedQuant).
 
     Any other producer (an add used inside its module's forward) is left alone: freeze names
-    it before training. Runs on the float net after one_module_per_activation; a net whose
-    every such value passes a ReLU (every zoo net) comes back unchanged."""
+    it before training. An average pool of a value that may be negative (one of the above, a
+    signed table activation such as MobileNetV3's Hardswish, the network input) is marked
+    `signed_output`: swap_layers follows it with a SignedQuant instead of an ActQuant, so the
+    average keeps its negative values (graph: avgpool out_signed). Runs on the float net after
+    one_module_per_activation; a net whose every such value passes a ReLU (every zoo net) comes
+    back unchanged."""
     try:
         graph = torch.fx.Tracer().trace(net)
     except Exception:   # noqa: BLE001 - the freeze check names the tracing error
@@ -334,11 +338,38 @@ def insert_signed_quantizers(net: nn.Module, act_bits: int) -> nn.Module:
         place = _signed_place(src, modules, net) if src is not None else None
         if place:
             places[place] = True
+    for node in graph.nodes:
+        m = modules.get(node.target) if node.op == "call_module" else None
+        if isinstance(m, POOLS) and node.args and _may_be_negative(node.args[0], modules, net):
+            m.signed_output = True
     for path in places:
         parent_path, _, name = path.rpartition(".")
         parent = net.get_submodule(parent_path) if parent_path else net
         setattr(parent, name, nn.Sequential(getattr(parent, name), quant.SignedQuant(act_bits)))
     return net
+
+
+POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+def _may_be_negative(node, modules, net) -> bool:
+    """Whether the value `node` is a signed integer tensor once quantized: the network input (int8),
+    a value that gets a SignedQuant (_signed_place), a signed table activation, or the average
+    pool of one; not a ReLU-like activation's output."""
+    while isinstance(node, torch.fx.Node) and _passes_through(node, modules):
+        node = node.args[0]
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "placeholder":
+        return True
+    m = modules.get(node.target) if node.op == "call_module" else None
+    if m is not None and quant.relu_clip(m)[0]:
+        return False
+    if m is not None and quant.table_activation(m):
+        return isinstance(quant.table_output_quantizer(m, 8), quant.SignedQuant)
+    if isinstance(m, POOLS):
+        return bool(node.args) and _may_be_negative(node.args[0], modules, net)
+    return _signed_place(node, modules, net) is not None
 
 
 def _passes_through(node, modules) -> bool:
@@ -356,7 +387,7 @@ def _signed_place(node, modules, net) -> str | None:
         return None
     if node.op == "call_module":
         m = modules.get(node.target)
-        if quant.relu_clip(m)[0] or isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
+        if quant.relu_clip(m)[0] or isinstance(m, POOLS):
             return None
         return node.target if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) else None
     if node.op == "call_function" and getattr(node.target, "__name__", "") in ("add", "iadd"):
