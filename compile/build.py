@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from pathlib import Path
@@ -57,6 +58,28 @@ def host_target_config() -> dict:
     A library built for it may use instructions other x86 CPUs lack: deploy it here."""
     from tvm.target import codegen
     return {"kind": "llvm", "mcpu": str(codegen.llvm_get_system_cpu()), "num-cores": os.cpu_count() or 1}
+
+
+# LLVM features that are instruction sets (the rest of a CPU's feature list tunes code generation:
+# prefer-256-bit, false-deps-..., fast-...): a library using one a CPU lacks dies there of SIGILL
+_ISA_FEATURE = re.compile(r"^(avx|amx|sse|ssse|fma|f16c|bmi|popcnt|lzcnt|movbe|gfni|vaes|vpclmulqdq|sha|aes|adx|xop|tbm|"
+                          r"pclmul|cx16|rdrnd|rdseed|prfchw|clflushopt|clwb|sm3|sm4)")
+
+
+def missing_cpu_features(config: dict) -> list[str]:
+    """Instruction sets a library built for `config` (its mcpu and +features) may use that this
+    machine lacks; [] for a target of another arch or without a CPU (nothing to compare)."""
+    import tvm
+    from tvm.target import codegen
+    if config.get("kind") != "llvm" or not config.get("mcpu") or \
+            (config.get("mtriple") and normalize_arch(str(config["mtriple"]).split("-")[0]) != host_arch()):
+        return []
+    try:
+        built = set(codegen.llvm_get_cpu_features(tvm.target.Target(config)))
+        here = set(codegen.llvm_get_cpu_features(tvm.target.Target(host_target_config())))
+    except Exception:  # noqa: BLE001 - an mcpu this LLVM does not know: nothing to compare
+        return []
+    return sorted(f for f in built - here if _ISA_FEATURE.match(f))
 
 
 def target_config(spec: str) -> dict:

@@ -126,6 +126,19 @@ def check_arch(record: dict, model: S.RemoteModel, build_dir: Path):
                                                            "a JSON target for it")
         raise S.BoardError(f"{build_dir / record['library']} is built for {want} but board "
                            f"{model.board.description} is {model.arch}: recompile with --target {hint}")
+    if want == B.host_arch() and S.is_local_host(model.board.host):
+        check_cpu(record, build_dir)
+
+
+def check_cpu(record: dict, build_dir: Path):
+    """A library for this arch run on this machine: refuse one built for a CPU with instruction
+    sets this one lacks (`--target host` on another machine), which would die of SIGILL."""
+    missing = B.missing_cpu_features(record.get("target") or {})
+    if missing:
+        mcpu = (record.get("target") or {}).get("mcpu")
+        raise DeployError(f"{build_dir / record['library']} is built for CPU '{mcpu}', whose instructions "
+                          f"{', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''} this machine's CPU "
+                          f"({B.host_target_config()['mcpu']}) lacks: recompile here with --target host")
 
 
 def load_test_split(record: dict, meta: dict, dataset: str | None, data_dir, images: int | None):

@@ -174,6 +174,33 @@ def test_library_for_another_arch_is_refused_by_the_board(digits, tmp_path, mixq
     assert "built for aarch64 but board" in r.stderr and "is x86_64" in r.stderr
 
 
+def other_cpu() -> str:
+    """An x86 CPU with instruction sets this host lacks (AMD's sse4a on an Intel host; Sapphire
+    Rapids' AVX512-FP16 or AMX on anything older or an AMD)."""
+    from mixq.compile import build as B
+    for mcpu in ("sapphirerapids", "znver4", "graniterapids", "znver5"):
+        if B.missing_cpu_features({"kind": "llvm", "mcpu": mcpu}):
+            return mcpu
+    pytest.skip("this host has every instruction set of the CPUs tried")
+
+
+def test_library_for_a_cpu_with_instructions_this_host_lacks_is_refused(digits, tmp_path, mixq):
+    """Not run (it would die of SIGILL): one line naming the CPU and what this one lacks."""
+    from mixq.compile import build as B
+    if B.host_arch() != "x86_64":
+        pytest.skip("x86 CPUs")
+    assert B.missing_cpu_features(B.host_target_config()) == []
+    assert B.missing_cpu_features({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-n1"}) == []
+    mcpu = other_cpu()
+    run, _ = digits
+    target = json.dumps({"kind": "llvm", "mcpu": mcpu, "num-cores": 2})
+    ok(mixq("compile", run / "frozen", "--target", target, "--out", tmp_path / "build-other"))
+    r = mixq("deploy", tmp_path / "build-other", "--no-progress")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"is built for CPU '{mcpu}'" in r.stderr and "recompile here with --target host" in r.stderr, r.stderr
+    assert not (tmp_path / "build-other" / "report.json").exists()
+
+
 def listening(port: int) -> list:
     import psutil
     return [c for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port and c.status == "LISTEN"]
