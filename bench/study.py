@@ -18,7 +18,9 @@ kept as recorded when its run directory is gone: a study outlives the machine it
 and its committed rows are the record (delete the row from docs/study.json to train it again).
 After the seed-0 grid, the rows of every comparison closer than a point get a second seed.
 docs/study.json, docs/study.md and docs/study.png are rewritten after every row, so a partial
-study shows what is done.
+study shows what is done. Each row names the machine it was trained on (sessions get fresh
+machines, Intel or AMD, so a study's rows may come from several; the top-level `machine` lists
+them); a row recorded before rows named theirs takes the file's machine of that time.
 
     python bench/study.py [--epochs E] [--train-images N] [--runs DIR] [--data PATH]
 """
@@ -130,7 +132,7 @@ def do_row(spec, seed, args) -> dict:
             "avg_bits": m["avg_bits"], "paper_comp": m.get("paper_comp"), "storage_bits": m["storage_bits"],
             "int_accuracy": rep["accuracy"], "bit_exact": rep["bit_exact"],
             "undecided_bits": m.get("undecided_bits"), "undecided_masks": m.get("undecided_masks"),
-            "train_seconds": m["train_seconds"], "run": d.name}
+            "train_seconds": m["train_seconds"], "run": d.name, "machine": machine()}
 
 
 def recorded(args) -> dict:
@@ -140,7 +142,8 @@ def recorded(args) -> dict:
     except (OSError, ValueError):
         return {}
     same = all(meta.get(k) == getattr(args, k) for k in ("epochs", "train_images", "batch_size", "act_bits"))
-    return {(key(r), r["seed"]): r for r in meta.get("rows", [])} if same else {}
+    # rows written before each row named its machine: the file's one machine then
+    return {(key(r), r["seed"]): {"machine": meta.get("machine"), **r} for r in meta.get("rows", [])} if same else {}
 
 
 def key(row) -> tuple:
@@ -160,7 +163,8 @@ def write(rows, args):
     rows = sorted(rows, key=lambda r: (GRID.index(key(r)), r["seed"]))       # table order
     meta = {"model": "resnet20", "dataset": "cifar10 (JPEG re-encoding, shared/data/cifar10-jpeg.tar.gz)",
             "epochs": args.epochs, "batch_size": args.batch_size, "train_images": args.train_images,
-            "test_images": 10000, "act_bits": args.act_bits, "machine": machine(),
+            "test_images": 10000, "act_bits": args.act_bits,
+            "machine": "; ".join(dict.fromkeys(r["machine"] for r in rows if r.get("machine"))) or machine(),
             "command": f"make study STUDY_EPOCHS={args.epochs} STUDY_TRAIN_IMAGES={args.train_images}",
             "updated": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "rows_planned": len(GRID), "rows": rows}
@@ -171,14 +175,14 @@ def write(rows, args):
              f"10,000-image test set, {args.epochs} epochs, batch {args.batch_size} (the paper recipe: 256), "
              f"A{args.act_bits}, "
              f"every row alike. Updated {meta['updated']}; {len({key(r) for r in rows})} of {len(GRID)} rows done.", "",
-             "| method | recipe | target | weight bits | seed | accuracy % | relaxed % | integer % | bit-exact | avg bits | paper Comp | storage bits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | recipe | target | weight bits | seed | accuracy % | relaxed % | integer % | bit-exact | avg bits | paper Comp | storage bits | trained on |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, f="%.2f": "" if v is None else (f % v)
     for r in rows:
         lines.append(f"| {r['method']} | {r['recipe']} | {fmt(r['target_bits'], '%g')} | {fmt(r['weight_bits'], '%d')} | {r['seed']} | "
                      f"{fmt(r['accuracy'])} | {fmt(r['relaxed_accuracy'])} | {fmt(r['int_accuracy'])} | "
                      f"{'yes' if r['bit_exact'] else 'NO'} | {fmt(r['avg_bits'])} | {fmt(r['paper_comp'], '%.1f')} | "
-                     f"{fmt(r['storage_bits'])} |")
+                     f"{fmt(r['storage_bits'])} | {(r.get('machine') or '').split(',')[0]} |")
     lines += ["", "## The issue's targets, as measured (mean over seeds)", ""] + checks(rows)
     fsio.write_text(args.out / "study.md", "\n".join(lines) + "\n", StudyError)
     plot(rows, args.out / "study.png")

@@ -46,6 +46,13 @@ def test_results_are_written_atomically_and_a_full_disk_is_one_line(study, tmp_p
     assert sorted(p.name for p in args.out.iterdir()) == ["study.json", "study.md", "study.png"]
     assert [r["method"] for r in json.loads((args.out / "study.json").read_text())["rows"]] == ["ste-uniform", "csq"]
     assert "| csq | mixq | 3 |" in (args.out / "study.md").read_text()
+    assert json.loads((args.out / "study.json").read_text())["machine"] == "a test machine"    # no row names one
+    # rows trained on two machines: each row names its own, the file lists both
+    two = [{**rows[0], "machine": "AMD EPYC, 2 cores, no GPU"}, {**rows[1], "machine": "Intel Xeon, 2 cores, no GPU"}]
+    study.write(two, args)
+    assert json.loads((args.out / "study.json").read_text())["machine"] == \
+        "Intel Xeon, 2 cores, no GPU; AMD EPYC, 2 cores, no GPU"
+    assert "| 3.90 | AMD EPYC |" in (args.out / "study.md").read_text()
 
     def full(*a, **k):
         raise OSError(28, "No space left on device")
@@ -64,7 +71,8 @@ def test_rows_recorded_with_the_same_settings_are_kept_when_their_run_directory_
     docs.mkdir()
     data.write_bytes(b"")
     old = {**row("csq", 3, None, 70.0), "run": "csq-t3-s0"}
-    meta = {"epochs": 20, "train_images": 20000, "batch_size": 128, "act_bits": 8, "rows": [old]}
+    meta = {"epochs": 20, "train_images": 20000, "batch_size": 128, "act_bits": 8, "machine": "then's CPU",
+            "rows": [old]}
     (docs / "study.json").write_text(json.dumps(meta))
     trained, written = [], []
     monkeypatch.setattr(study, "do_row", lambda spec, seed, args: trained.append((spec, seed)) or row(*spec[:3], 60.0))
@@ -73,7 +81,7 @@ def test_rows_recorded_with_the_same_settings_are_kept_when_their_run_directory_
     monkeypatch.setattr(sys, "argv", argv)
     study.main()
     assert (study.CSQ3, 0) not in trained and len([t for t in trained if t[1] == 0]) == len(study.GRID) - 1
-    assert old in written[-1]
+    assert {**old, "machine": "then's CPU"} in written[-1]      # the file's machine when it was written
     # other settings: the recorded row is not theirs, every row is trained
     trained.clear()
     monkeypatch.setattr(sys, "argv", argv + ["--epochs", "30"])
