@@ -285,7 +285,7 @@ class _Builder:
             return self._bn(name, m, x)
         if isinstance(m, (quant.ActQuant, quant.SignedQuant)):
             return self._act(name, m, x)
-        if isinstance(m, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):
+        if isinstance(m, quant.AVG_POOLS):
             return self._avgpool(name, m, x)
         if isinstance(m, nn.MaxPool2d):
             return self._maxpool(name, m, x)

@@ -259,6 +259,14 @@ def table_activation(m: nn.Module) -> bool:
     return isinstance(m, TABLE_ACTIVATIONS) and not relu_clip(m)[0]
 
 
+AVG_POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+
+
+def signed_table_output(m: nn.Module) -> bool:
+    """Whether table activation `m`'s values may be negative (table_output_quantizer)."""
+    return not (isinstance(m, _NONNEGATIVE) or isinstance(m, nn.Hardtanh) and m.min_val >= 0)
+
+
 def table_output_quantizer(m: nn.Module, act_bits: int) -> nn.Module:
     """The quantizer after a table activation, which gives the table its output scale. A function
     whose values are never negative (sigmoid, hardsigmoid, softplus; a Hardtanh(a > 0, b)) gets an
@@ -267,8 +275,7 @@ def table_output_quantizer(m: nn.Module, act_bits: int) -> nn.Module:
     than the bound of the range, as for a ReLU. Any other (Hardswish, SiLU, GELU, Mish, LeakyReLU,
     ELU: slightly negative; tanh: symmetric) a SignedQuant: the contract has no zero point, so a
     range like Hardswish's [-0.375, inf) costs one bit of resolution, but its negative part survives."""
-    nonnegative = isinstance(m, _NONNEGATIVE) or isinstance(m, nn.Hardtanh) and m.min_val >= 0
-    return ActQuant(act_bits) if nonnegative else SignedQuant(act_bits)
+    return SignedQuant(act_bits) if signed_table_output(m) else ActQuant(act_bits)
 
 
 def swap_layers(model: nn.Module, convert, act_bits: int) -> nn.Module:
@@ -285,7 +292,7 @@ def swap_layers(model: nn.Module, convert, act_bits: int) -> nn.Module:
             setattr(model, name, convert(child))
         elif relu:
             setattr(model, name, ActQuant(act_bits, clip))
-        elif isinstance(child, (nn.AdaptiveAvgPool2d, nn.AvgPool2d)):     # signed: surgery marks it
+        elif isinstance(child, AVG_POOLS):     # signed: surgery marks it
             after = SignedQuant(act_bits) if getattr(child, "signed_output", False) else ActQuant(act_bits)
             setattr(model, name, nn.Sequential(child, after))
         elif table_activation(child):

@@ -177,7 +177,7 @@ def _as_module(name: str, a: dict) -> nn.Module | None:
 
 def _stateful_per_use(m: nn.Module) -> bool:
     """Modules that become (or get) an ActQuant or SignedQuant, which learns one clip per place it quantizes."""
-    return quant.relu_clip(m)[0] or isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)) or quant.table_activation(m)
+    return quant.relu_clip(m)[0] or isinstance(m, quant.AVG_POOLS) or quant.table_activation(m)
 
 
 def one_module_per_activation(net: nn.Module) -> nn.Module:
@@ -340,16 +340,13 @@ def insert_signed_quantizers(net: nn.Module, act_bits: int) -> nn.Module:
             places[place] = True
     for node in graph.nodes:
         m = modules.get(node.target) if node.op == "call_module" else None
-        if isinstance(m, POOLS) and node.args and _may_be_negative(node.args[0], modules, net):
+        if isinstance(m, quant.AVG_POOLS) and node.args and _may_be_negative(node.args[0], modules, net):
             m.signed_output = True
     for path in places:
         parent_path, _, name = path.rpartition(".")
         parent = net.get_submodule(parent_path) if parent_path else net
         setattr(parent, name, nn.Sequential(getattr(parent, name), quant.SignedQuant(act_bits)))
     return net
-
-
-POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)
 
 
 def _may_be_negative(node, modules, net) -> bool:
@@ -366,8 +363,8 @@ def _may_be_negative(node, modules, net) -> bool:
     if m is not None and quant.relu_clip(m)[0]:
         return False
     if m is not None and quant.table_activation(m):
-        return isinstance(quant.table_output_quantizer(m, 8), quant.SignedQuant)
-    if isinstance(m, POOLS):
+        return quant.signed_table_output(m)
+    if isinstance(m, quant.AVG_POOLS):
         return bool(node.args) and _may_be_negative(node.args[0], modules, net)
     return _signed_place(node, modules, net) is not None
 
@@ -387,7 +384,7 @@ def _signed_place(node, modules, net) -> str | None:
         return None
     if node.op == "call_module":
         m = modules.get(node.target)
-        if quant.relu_clip(m)[0] or isinstance(m, POOLS):
+        if quant.relu_clip(m)[0] or isinstance(m, quant.AVG_POOLS):
             return None
         return node.target if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.BatchNorm1d)) else None
     if node.op == "call_function" and getattr(node.target, "__name__", "") in ("add", "iadd"):
