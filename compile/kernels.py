@@ -393,7 +393,12 @@ class DepthwiseKernel(_SlidingWindow):
     Weights of any storage width up to 16 bits stay one int16 tensor (no parts).
     With out "requant" the `bias` argument is int64, bias * M + 2^(s-1) folded at lowering
     (`folds_bias`): rq(acc + bias) = (acc * M + that) >> s, a 32x32->64 multiply per element
-    instead of a 64x64 one (the epilogue is a large share of a depthwise conv's work)."""
+    instead of a 64x64 one (the epilogue is a large share of a depthwise conv's work).
+    Measured and not taken: an int32 epilogue from the product's high word (exact for
+    33 <= s <= 62: ((t * M >> 32) + 2^(s-33)) >> (s-32)), two vpmuldq per 16 lanes in a tensor
+    intrinsic, then int32 add, shift, clip: fewer instructions per vector, but MobileNetV2
+    (CIFAR-10, batch 1, AMD EPYC) ran 3-11 % slower, the intrinsic's output going through a
+    tile buffer; LLVM alone does not form a 16-lane multiply-high (it widens to int64)."""
     tunable = True
     isa: PackedISA
     batch: int | None
