@@ -261,6 +261,14 @@ class ConvKernel(_SlidingWindow):
     out_signed: bool = False    # requant: symmetric clip, stored with the signed offset
 
     @property
+    def folds_bias(self) -> bool:
+        """out "requant": `bias` is int64 bias * M + 2^(s-1) (folded at lowering, as the
+        depthwise kernel's), so the epilogue multiplies the int32 accumulator itself: LLVM
+        makes that a 32x32->64 vpmuldq (or smull), where acc + bias sign-extended to int64
+        first took a 64x64 vpmullq and two more adds per 16 lanes."""
+        return self.out == "requant"
+
+    @property
     def macs(self) -> int:
         ho, wo = self.out_hw
         return ((self.batch or 1) * self.out_chunks * BLOCK * ho * wo * self.in_chunks * self.in_block
@@ -273,7 +281,7 @@ class ConvKernel(_SlidingWindow):
         data = te.placeholder((n, data_chunks, self.height, self.width, b), self.in_dtype, name="data")
         weight = te.placeholder((self.out_chunks * self.parts, self.in_chunks, k, k, b // 4, BLOCK, 4),
                                 "int8", name="weight")
-        bias = te.placeholder((self.out_chunks, BLOCK), "int32", name="bias")
+        bias = te.placeholder((self.out_chunks, BLOCK), "int64" if self.folds_bias else "int32", name="bias")
         if p:
             pad = topi.nn.pad(data, (0, 0, p, p, 0), (0, 0, p, p, 0), pad_value=self.pad_value, name="pad")
         else:
@@ -301,9 +309,9 @@ class ConvKernel(_SlidingWindow):
             a = acc[i, oc * self.parts, oh, ow, ob]
             for part in range(1, self.parts):
                 a = a * 2 + acc[i, oc * self.parts + part, oh, ow, ob]
-            return a + bias[oc, ob]
+            return a if self.folds_bias else a + bias[oc, ob]
 
-        args, out = _epilogue(self, n, ho, wo, total)
+        args, out = _epilogue(self, n, ho, wo, total, folded=bias if self.folds_bias else None)
         return [data, weight, bias] + args + [out]
 
     # -- schedule ---------------------------------------------------------------------

@@ -304,7 +304,7 @@ def _conv(ctx, op, src: PackedValue, add_op=None, branches=()) -> PackedValue:
             mult, shift = add_op.arrays[f"multiplier{i}"], add_op.arrays[f"shift{i}"]
         elif requant:
             mult, shift = op.arrays["multiplier"], op.arrays["shift"]
-        if getattr(kernel, "folds_bias", False):     # bias * M + 2^(s-1), as the kernel takes it
+        if kernel.folds_bias:     # bias * M + 2^(s-1), as the kernel takes it
             s = np.asarray(shift, dtype=np.int64)
             folded = bias * np.asarray(mult, dtype=np.int64) + np.left_shift(np.int64(1), s - 1)
             bias_const = relax.const(channel_blocks(folded, o, dtype="int64"), "int64")
