@@ -5,9 +5,10 @@
 Layers: MobileNetV2-like depthwise convs (3x3, padding 1, stride 1 and 2, batch 1, uint8
 input, requantized uint8 output), kernels only: the layer's kernel from `--strategy default`
 (compile/default.py: topi's grouped conv, NCHW, the generic schedule) against the fast path's
-`DepthwiseKernel` (compile/kernels.py, packed NCHW16c in and out, as between the packed layers
-of a network: no layout conversion timed) and, for comparison, the same layer as a grouped
-`ConvKernel` (block-diagonal int8 dot products: 16x the multiply-adds). --grouped: grouped 3x3
+`DepthwiseKernel` (compile/kernels.py, with `four_taps` where the target has VBMI, packed
+NCHW16c in and out, as between the packed layers of a network: no layout conversion timed)
+and, for comparison, the same layer as a grouped `ConvKernel` (block-diagonal int8 dot
+products: 16x the multiply-adds). --grouped: grouped 3x3
 convs of a few group sizes too (default kernel against the grouped `ConvKernel`; the packed
 kernel does width * block / (C / groups) times the multiply-adds, see packed.MAX_GROUPED_WASTE;
 the fast path uses it only with dot-product instructions: on AVX2 it lost to the default one).
@@ -172,8 +173,10 @@ def packed_kernel(g, x, target, as_grouped_conv=False):
     c, size = x.shape[1], x.shape[2]
     bias = op.arrays["bias"].astype(np.int64) - isa.input_offset("uint8") * w.reshape(c, -1).sum(axis=1)
     if groups == c and not as_grouped_conv:
-        kernel = kernels.DepthwiseKernel(isa, 1, "uint8", c // 16, size, size, 3, stride, 1, 0, "requant", 8)
-        weight = kernels.pack_depthwise_weight(w)
+        four = kernels.four_taps_fit(w, "uint8", isa)       # as compile/packed.py picks it
+        kernel = kernels.DepthwiseKernel(isa, 1, "uint8", c // 16, size, size, 3, stride, 1, 0, "requant", 8,
+                                         four_taps=four)
+        weight = kernels.pack_depthwise_weight(w, four)
     else:
         width, per, step = kernels.group_window(c, c, groups, 16)
         kernel = kernels.ConvKernel(isa, 1, "uint8", width, 16, size, size, c // 16, 3, stride, 1, 0, 1,

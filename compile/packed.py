@@ -38,7 +38,8 @@ from tvm import relax
 from mixq import graph as G
 from mixq.compile.kernels import (BLOCK, AddKernel, ConvKernel, DepthwiseKernel, FlattenKernel, PackInputKernel,
                                   PoolKernel, UnpackOutputKernel, channel_blocks, chunks, group_window,
-                                  pack_conv_weight, pack_depthwise_weight, pack_grouped_weight, weight_parts)
+                                  four_taps_fit, pack_conv_weight, pack_depthwise_weight, pack_grouped_weight,
+                                  weight_parts)
 from mixq.compile.registry import Unsupported, register, register_layout
 
 PACKED = "packed"
@@ -221,10 +222,12 @@ def _weights(op, src: PackedValue, w, isa):
     o, c, k, _ = w.shape
     groups = op.attrs.get("groups", 1) if op.kind == "conv2d" else 1
     if groups > 1 and c == 1 and o == groups and src.block == BLOCK:
+        four = four_taps_fit(w, src.dtype, isa)
+
         def make_depthwise(batch, stride, padding, out, out_bits, extras, out_signed):
             return DepthwiseKernel(isa, batch, src.dtype, chunks(o), src.height, src.width, k, stride, padding,
-                                   src.offset, out, out_bits, extras, out_signed)
-        return make_depthwise, (lambda: pack_depthwise_weight(w)), [w]     # int16 weights: one part
+                                   src.offset, out, out_bits, extras, out_signed, four)
+        return make_depthwise, (lambda: pack_depthwise_weight(w, four)), [w]     # int16 or int8: one part
     parts = weight_parts(w)
     if groups == 1:
         width, window = chunks(c, src.block), ()

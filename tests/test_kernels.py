@@ -22,6 +22,8 @@ from mixq.compile.registry import Unsupported  # noqa: E402
 # tests died of SIGILL there
 VNNI_TARGET = {"kind": "llvm", "mcpu": "cascadelake", "num-cores": 2}
 AVX2_TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+# + VBMI (Ice Lake on, Zen 4): depthwise convs take the 4-tap vpermb + vpdpbusd intrinsic
+VBMI_TARGET = {**VNNI_TARGET, "mattr": ["+avx512vbmi"]}
 
 
 def host_has(feature: str) -> bool:
@@ -32,6 +34,8 @@ def host_has(feature: str) -> bool:
 
 needs_vnni = pytest.mark.skipif(not host_has("avx512vnni"), reason="host CPU has no AVX512-VNNI")
 needs_avx2 = pytest.mark.skipif(not host_has("avx2"), reason="host CPU has no AVX2")
+needs_vbmi = pytest.mark.skipif(not (host_has("avx512vnni") and host_has("avx512vbmi")),
+                                reason="host CPU has no AVX512-VNNI with VBMI")
 
 
 # ----------------------------------------------------------------------------- graph builder
@@ -419,6 +423,7 @@ def assert_on_the_fast_path(g, info, mod=None):
 
 
 @pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
+                                    pytest.param(VBMI_TARGET, marks=needs_vbmi, id="vbmi"),
                                     pytest.param(AVX2_TARGET, marks=needs_avx2, id="avx2")])
 @pytest.mark.parametrize("case", DEPTHWISE_CASES, ids=lambda c: "c{}-{}x{}-s{}-p{}-a{}-w{}-{}".format(c[0], *c[1], *c[2:]))
 def test_depthwise_conv_is_bit_exact_on_the_fast_path(case, target):
@@ -429,6 +434,29 @@ def test_depthwise_conv_is_bit_exact_on_the_fast_path(case, target):
     assert_on_the_fast_path(g, info)
     want = G.run(g, x)
     assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+def four_tap_kernels(mod) -> dict:
+    """{name: uses the 4-tap intrinsic} of a lowered module's DepthwiseKernels."""
+    return {gv.name_hint: "permvar" in f.script() for gv, f in mod.functions_items()
+            if gv.name_hint.endswith("_DepthwiseKernel")}
+
+
+def test_depthwise_takes_four_taps_where_weights_fit_int8():
+    """With VBMI a depthwise conv of int8 weights and a kernel of at most 4 columns goes 4 taps
+    to a vpdpbusd (vpermb lines the pixels up); 9- to 16-bit weights keep the int16 kernel, and
+    so does every depthwise conv without VBMI."""
+    for case in DEPTHWISE_CASES:
+        g, name = depthwise_graph(*case)
+        wide = case[5] > 8
+        for target, four in ((VBMI_TARGET, not wide), (VNNI_TARGET, False)):
+            mod, _ = build.lower_module(g, tvm.target.Target(target), "auto", {"batch": 2})
+            assert set(four_tap_kernels(mod).values()) == {four}, (case, target)
+    w = np.zeros((16, 1, 5, 5), dtype=np.int64)
+    assert kernels.four_taps_fit(w[:, :, :4, :4], "uint8", x86.VNNI_VBMI)
+    assert not kernels.four_taps_fit(w, "uint8", x86.VNNI_VBMI)                 # 5 columns
+    assert not kernels.four_taps_fit(w[:, :, :3, :3] + 128, "uint8", x86.VNNI_VBMI)
+    assert not kernels.four_taps_fit(w[:, :, :3, :3], "uint8", x86.VNNI)
 
 
 @pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
@@ -462,14 +490,18 @@ def test_depthwise_conv_of_a_few_input_channels_is_bit_exact(target):
 
 
 @needs_vnni
-def test_depthwise_network_is_bit_exact_at_any_batch():
+@pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
+                                    pytest.param(VBMI_TARGET, marks=needs_vbmi, id="vbmi")])
+def test_depthwise_network_is_bit_exact_at_any_batch(target):
     g = depthwise_chain()
     G.validate(g)
     lines = []
-    mod, info = build.lower_module(g, tvm.target.Target(VNNI_TARGET), "auto", {"batch": None}, log=lines.append)
+    mod, info = build.lower_module(g, tvm.target.Target(target), "auto", {"batch": None}, log=lines.append)
     assert_on_the_fast_path(g, info, mod)
     assert lines == ["fast path: used (x86-vnni) for 11 of 11 ops (4 depthwise convs, 1 grouped conv)"]
-    ex, _ = compile_fast(g, None, VNNI_TARGET)
+    if target is VBMI_TARGET:       # the 4- and 7-bit ones, not the 9- and 12-bit ones
+        assert sorted(four_tap_kernels(mod).values()) == [False, False, True, True]
+    ex, _ = compile_fast(g, None, target)
     vm = relax.VirtualMachine(ex, tvm.cpu())
     for batch in (1, 3):
         x = random_input(g, batch, seed=batch)
