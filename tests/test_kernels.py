@@ -783,20 +783,22 @@ def test_odd_width_default_kernels_are_exact_on_the_board(arm_board, tmp_path):
 
 # ----------------------------------------------------------------------------- tuning
 @needs_vnni
-def test_tuning_records_are_reused_and_stay_exact(tmp_path):
+@pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
+                                    pytest.param(VBMI_TARGET, marks=needs_vbmi, id="vbmi")])
+def test_tuning_records_are_reused_and_stay_exact(tmp_path, target):
     b = Builder((16, 8, 8), seed=11)
-    g = b.graph(b.conv(b.conv("input", 32, wbits=9), 32, groups=32))     # a ConvKernel, a DepthwiseKernel
+    g = b.graph(b.conv(b.conv("input", 32, wbits=9), 32, groups=32))     # a ConvKernel, a DepthwiseKernel (4 taps: vbmi)
     db_dir = tmp_path / "tune-db"
-    compile_fast(g, 1, VNNI_TARGET, db_dir, tune_trials=4)
+    compile_fast(g, 1, target, db_dir, tune_trials=4)
     records = (db_dir / "database_tuning_record.json").read_text().splitlines()
     assert len(records) >= 2, "expected the hand schedule's baseline record plus tuning trials"
     x = random_input(g, 1, seed=11)
-    got, report = run_compiled(g, 1, VNNI_TARGET, x, db_dir)
+    got, report = run_compiled(g, 1, target, x, db_dir)
     assert report["tuned_kernels"] == 2
     assert np.array_equal(got, G.run(g, x))
-    compile_fast(g, 1, VNNI_TARGET, db_dir, tune_trials=4)               # same shapes: nothing to do
+    compile_fast(g, 1, target, db_dir, tune_trials=4)               # same shapes: nothing to do
     assert (db_dir / "database_tuning_record.json").read_text().splitlines() == records
-    got, report = run_compiled(g, None, VNNI_TARGET, x, db_dir)          # any-batch build: same loops
+    got, report = run_compiled(g, None, target, x, db_dir)          # any-batch build: same loops
     assert report["tuned_kernels"] == 2 and np.array_equal(got, G.run(g, x))
 
 
