@@ -188,7 +188,7 @@ def packed_kernel(g, x, target, as_grouped_conv=False):
     want = G.run(g, x)
     out = np.zeros((1, c // 16, *want.shape[2:], 16), np.uint8)
     mult, shift = op.arrays["multiplier"].astype(np.int64), op.arrays["shift"].astype(np.int64)
-    if getattr(kernel, "folds_bias", False):                # as compile/packed.py passes it
+    if kernel.folds_bias:                                   # as compile/packed.py passes it
         bias = kernels.channel_blocks(bias * mult + np.left_shift(np.int64(1), shift - 1), c, dtype="int64")
     else:
         bias = kernels.channel_blocks(bias, c)

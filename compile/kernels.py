@@ -197,14 +197,14 @@ def four_taps_fit(w: np.ndarray, in_dtype: str, isa: PackedISA) -> bool:
             and int(np.abs(w).max(initial=0)) <= 127)
 
 
-def _epilogue(kernel, n, ho, wo, total, folded=None):
-    """A conv kernel's fused epilogue on `total(i, oc, oh, ow, ob)` (acc + bias, int32):
-    (its placeholders, the output). out "raw": the int32 itself; "requant": clip(rq(total, M,
-    s) + sum_j rq(extra_j, M_j, s_j)) + offset in the ISA's activation dtype (extras: the
-    other branches of a fused residual add, `kernel.extras` = their (dtype, offset); the clip
-    and offset: `out_signed`'s, `PackedISA.out_offset`).
-    `folded`: an int64 [chunks, 16] tensor of bias * M + 2^(s-1), and `total` the accumulator
-    alone: rq(acc + bias) = (acc * M + folded) >> s (exact: |(acc + bias) * M| < 2^62)."""
+def _epilogue(kernel, n, ho, wo, acc, bias):
+    """A conv kernel's fused epilogue on its int32 accumulator `acc(i, oc, oh, ow, ob)` and its
+    `bias` placeholder (`kernel.bias_tensor()`): (its other placeholders, the output). out
+    "raw": acc + bias, int32; "requant": clip(rq(acc + bias, M, s) + sum_j rq(extra_j, M_j, s_j))
+    + offset in the ISA's activation dtype (extras: the other branches of a fused residual add,
+    `kernel.extras` = their (dtype, offset); the clip and offset: `out_signed`'s,
+    `PackedISA.out_offset`), with the bias folded at lowering (`folds_bias`): rq(acc + bias)
+    = (acc * M + bias * M + 2^(s-1)) >> s (exact: |(acc + bias) * M| < 2^62)."""
     pc = (kernel.out_chunks, BLOCK)
     args = []
     if kernel.out == "requant":
@@ -219,13 +219,10 @@ def _epilogue(kernel, n, ho, wo, total, folded=None):
         args += list(extras[-1][:3])
 
     def epilogue(i, oc, oh, ow, ob):
-        a = total(i, oc, oh, ow, ob)
+        a = acc(i, oc, oh, ow, ob)
         if kernel.out == "raw":
-            return a
-        if folded is None:
-            y = _rq(_i64(a), mult[oc, ob], shift[oc, ob])
-        else:
-            y = (_i64(a) * _i64(mult[oc, ob]) + folded[oc, ob]) >> _i64(shift[oc, ob])
+            return a + bias[oc, ob]
+        y = (_i64(a) * _i64(mult[oc, ob]) + bias[oc, ob]) >> _i64(shift[oc, ob])
         for x, m, sh, offset in extras:
             y = y + _rq(_value(x[i, oc, oh, ow, ob], offset), m[oc, ob], sh[oc, ob])
         return _store(y, kernel.out_bits, kernel.isa.act_dtype, kernel.isa.out_offset(kernel.out_signed),
@@ -236,12 +233,24 @@ def _epilogue(kernel, n, ho, wo, total, folded=None):
 
 # ----------------------------------------------------------------------------- kernels
 class _SlidingWindow:
-    """The output size of a conv kernel (fields height, width, kernel, stride, padding)."""
+    """What the conv kernels share: the output size (fields height, width, kernel, stride,
+    padding) and the bias they take (fields out, out_chunks)."""
 
     @property
     def out_hw(self):
         f = lambda n: (n + 2 * self.padding - self.kernel) // self.stride + 1
         return f(self.height), f(self.width)
+
+    @property
+    def folds_bias(self) -> bool:
+        """out "requant": `bias` is int64 bias * M + 2^(s-1), folded at lowering, so the
+        epilogue multiplies the int32 accumulator itself: LLVM makes that a 32x32->64 vpmuldq
+        (or smull), where acc + bias sign-extended to int64 took a 64x64 vpmullq and two more
+        adds per 16 lanes; out "raw": int32, added to the accumulator."""
+        return self.out == "requant"
+
+    def bias_tensor(self):
+        return te.placeholder((self.out_chunks, BLOCK), "int64" if self.folds_bias else "int32", name="bias")
 
 
 @dataclass(frozen=True)
@@ -277,14 +286,6 @@ class ConvKernel(_SlidingWindow):
     out_signed: bool = False    # requant: symmetric clip, stored with the signed offset
 
     @property
-    def folds_bias(self) -> bool:
-        """out "requant": `bias` is int64 bias * M + 2^(s-1) (folded at lowering, as the
-        depthwise kernel's), so the epilogue multiplies the int32 accumulator itself: LLVM
-        makes that a 32x32->64 vpmuldq (or smull), where acc + bias sign-extended to int64
-        first took a 64x64 vpmullq and two more adds per 16 lanes."""
-        return self.out == "requant"
-
-    @property
     def macs(self) -> int:
         ho, wo = self.out_hw
         return ((self.batch or 1) * self.out_chunks * BLOCK * ho * wo * self.in_chunks * self.in_block
@@ -297,7 +298,7 @@ class ConvKernel(_SlidingWindow):
         data = te.placeholder((n, data_chunks, self.height, self.width, b), self.in_dtype, name="data")
         weight = te.placeholder((self.out_chunks * self.parts, self.in_chunks, k, k, b // 4, BLOCK, 4),
                                 "int8", name="weight")
-        bias = te.placeholder((self.out_chunks, BLOCK), "int64" if self.folds_bias else "int32", name="bias")
+        bias = self.bias_tensor()
         if p:
             pad = topi.nn.pad(data, (0, 0, p, p, 0), (0, 0, p, p, 0), pad_value=self.pad_value, name="pad")
         else:
@@ -325,9 +326,9 @@ class ConvKernel(_SlidingWindow):
             a = acc[i, oc * self.parts, oh, ow, ob]
             for part in range(1, self.parts):
                 a = a * 2 + acc[i, oc * self.parts + part, oh, ow, ob]
-            return a if self.folds_bias else a + bias[oc, ob]
+            return a
 
-        args, out = _epilogue(self, n, ho, wo, total, folded=bias if self.folds_bias else None)
+        args, out = _epilogue(self, n, ho, wo, total, bias)
         return [data, weight, bias] + args + [out]
 
     # -- schedule ---------------------------------------------------------------------
@@ -448,10 +449,6 @@ class DepthwiseKernel(_SlidingWindow):
     four_taps: bool = False     # int8 weights [C/16, K, 16, 4], isa.depthwise_intrin
 
     @property
-    def folds_bias(self) -> bool:
-        return self.out == "requant"
-
-    @property
     def pad_right(self) -> int:
         """Columns padded on the right: `padding`, or with four_taps as many as the last
         output's 4 taps read."""
@@ -472,8 +469,8 @@ class DepthwiseKernel(_SlidingWindow):
             weight = te.placeholder((self.out_chunks, k, BLOCK, 4), "int8", name="weight")
         else:
             weight = te.placeholder((self.out_chunks, k, k, BLOCK), "int16", name="weight")
-        bias = te.placeholder((self.out_chunks, BLOCK), "int64" if self.folds_bias else "int32", name="bias")
-        if p or self.pad_right:
+        bias = self.bias_tensor()
+        if self.pad_right:      # >= padding
             pad = topi.nn.pad(data, (0, 0, p, p, 0), (0, 0, p, self.pad_right, 0), pad_value=self.pad_value,
                               name="pad")
         else:
@@ -491,10 +488,7 @@ class DepthwiseKernel(_SlidingWindow):
             axes = [kh, kw]
         acc = te.compute((n, self.out_chunks, ho, wo, BLOCK),
                          lambda *idx: te.sum(tap(*idx), axis=axes), name="conv")
-        if self.folds_bias:
-            args, out = _epilogue(self, n, ho, wo, lambda *idx: acc[idx], folded=bias)
-        else:
-            args, out = _epilogue(self, n, ho, wo, lambda i, c, oh, ow, b: acc[i, c, oh, ow, b] + bias[c, b])
+        args, out = _epilogue(self, n, ho, wo, lambda *idx: acc[idx], bias)
         return [data, weight, bias] + args + [out]
 
     # -- schedule ---------------------------------------------------------------------
@@ -544,7 +538,7 @@ class DepthwiseKernel(_SlidingWindow):
         ho, wo = self.out_hw
         if _worth_threads((self.batch, self.out_chunks, ho, wo, BLOCK * self.kernel ** 2)):
             sch.parallel(task)
-        if self.padding or self.pad_right:
+        if self.pad_right:      # >= padding: the kernel has a pad stage
             pad = sch.get_sblock("pad")
             sch.compute_at(pad, n, preserve_unit_loops=True)
             sch.vectorize(sch.get_loops(pad)[-1])

@@ -489,7 +489,6 @@ def test_depthwise_conv_of_a_few_input_channels_is_bit_exact(target):
     assert np.array_equal(got, G.run(g, x))
 
 
-@needs_vnni
 @pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
                                     pytest.param(VBMI_TARGET, marks=needs_vbmi, id="vbmi")])
 def test_depthwise_network_is_bit_exact_at_any_batch(target):
@@ -782,7 +781,6 @@ def test_odd_width_default_kernels_are_exact_on_the_board(arm_board, tmp_path):
 
 
 # ----------------------------------------------------------------------------- tuning
-@needs_vnni
 @pytest.mark.parametrize("target", [pytest.param(VNNI_TARGET, marks=needs_vnni, id="vnni"),
                                     pytest.param(VBMI_TARGET, marks=needs_vbmi, id="vbmi")])
 def test_tuning_records_are_reused_and_stay_exact(tmp_path, target):
